@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
@@ -50,10 +51,11 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"config: d_model={self.d_model} must divide by n_heads={self.n_heads}, "
-                             f"and n_heads by n_kv_heads={self.n_kv_heads}")
+            raise ValueError(f"config: d_model={self.d_model} must divide by n_heads="
+                             f"{self.n_heads}, and n_heads by n_kv_heads={self.n_kv_heads}")
         if self.embedding_size < self.vocab_size:
-            raise ValueError(f"config: embedding_size={self.embedding_size} < vocab_size={self.vocab_size}")
+            raise ValueError(f"config: embedding_size={self.embedding_size} < "
+                             f"vocab_size={self.vocab_size}")
 
     @classmethod
     def from_dict(cls, d):
@@ -94,9 +96,13 @@ class RMSNorm(nn.Module):
 
 
 def rotary(seq_len, head_dim, theta, device):
-    """cos, sin of shape (seq_len, head_dim), float32, in the rotate-half layout LLaDA uses."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    """cos, sin of positions 0..seq_len-1, (seq_len, head_dim), in the rotate-half layout LLaDA
+    uses. Always float32, as LLaDA computes them: the angle is position x frequency, and bf16
+    (8 significant bits) cannot even tell position 1000 from 1004."""
+    even = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+    inv_freq = 1.0 / theta ** (even / head_dim)
+    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
@@ -123,17 +129,16 @@ class Block(nn.Module):
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
 
     def forward(self, x, cos, sin, attn_mask):
-        B, S, _ = x.shape
         h = self.attn_norm(x)
-        q = self.q_proj(h).view(B, S, self.n_heads, -1).transpose(1, 2)
-        k = self.k_proj(h).view(B, S, self.n_kv_heads, -1).transpose(1, 2)
-        v = self.v_proj(h).view(B, S, self.n_kv_heads, -1).transpose(1, 2)
+        q = rearrange(self.q_proj(h), "b s (h d) -> b h s d", h=self.n_heads)
+        k = rearrange(self.k_proj(h), "b s (h d) -> b h s d", h=self.n_kv_heads)
+        v = rearrange(self.v_proj(h), "b s (h d) -> b h s d", h=self.n_kv_heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # no causal mask: every position sees every (non-padding) position; the AR teacher's
         # causal mask, if any, is already folded into attn_mask by the caller
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
-        x = x + self.attn_out(y.transpose(1, 2).reshape(B, S, -1))
+        x = x + self.attn_out(rearrange(y, "b h s d -> b s (h d)"))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
@@ -181,7 +186,8 @@ class LLaDA(nn.Module):
         if self.cfg.causal:
             tri = torch.ones(S, S, dtype=torch.bool, device=idx.device).tril()
             # a left-padding query row would see no key at all (NaN): let every row see itself
-            mask = tri if mask is None else (mask & tri) | torch.eye(S, dtype=torch.bool, device=idx.device)
+            eye = torch.eye(S, dtype=torch.bool, device=idx.device)
+            mask = tri if mask is None else (mask & tri) | eye
         for block in self.transformer.blocks:
             if self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
@@ -212,7 +218,8 @@ class CheckpointError(ValueError):
 def read_config(model_dir) -> ModelConfig:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file (a model directory holds config.json and safetensors)")
+        raise CheckpointError(f"{path}: no such file (a model directory holds config.json and "
+                              "safetensors)")
     try:
         with open(path) as f:
             return ModelConfig.from_dict(json.load(f))
@@ -258,9 +265,9 @@ def load_weights(model: LLaDA, model_dir):
     missing = sorted(set(params) - set(files))
     unexpected = sorted(set(files) - set(params))
     if missing or unexpected:
-        raise CheckpointError(f"{model_dir}: tensors do not match config.json: missing {missing[:5]}"
-                              f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                              f"{' ...' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(f"{model_dir}: tensors do not match config.json: missing "
+                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+                              f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     by_file = {}
     for name, path in files.items():
         by_file.setdefault(path, []).append(name)
@@ -272,7 +279,8 @@ def load_weights(model: LLaDA, model_dir):
                                       f"{sorted(stored - set(names))[:5]}")
             for name in sorted(names):
                 if name not in stored:
-                    raise CheckpointError(f"{path}: tensor {name} is listed in the index but not in the file")
+                    raise CheckpointError(f"{path}: tensor {name} is listed in the index but "
+                                          "not in the file")
                 param = params[name]
                 sl = f.get_slice(name)
                 shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
@@ -280,7 +288,8 @@ def load_weights(model: LLaDA, model_dir):
                     raise CheckpointError(f"{path}: tensor {name} has shape {list(shape)}, "
                                           f"config.json implies {list(param.shape)}")
                 if dtype not in ("BF16", "F16", "F32", "F64"):
-                    raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, expected a float type")
+                    raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, expected a "
+                                          "float type")
                 dst = param.to_local() if isinstance(param, DTensor) else param
                 # FSDP2 shards dim 0 in torch.chunk pieces: rank r holds rows [r*c, r*c + len)
                 rows = dst.shape[0]
@@ -293,7 +302,8 @@ def load_weights(model: LLaDA, model_dir):
                 try:
                     dst.copy_(src)
                 except RuntimeError as e:
-                    raise CheckpointError(f"{path}: tensor {name} could not be read ({e})") from None
+                    msg = f"{path}: tensor {name} could not be read ({e})"
+                    raise CheckpointError(msg) from None
     return model
 
 
@@ -307,7 +317,8 @@ def from_pretrained(model_dir, device="cpu", dtype=torch.float32) -> LLaDA:
     return load_weights(model, model_dir)
 
 
-def save_pretrained(model_dir, cfg: ModelConfig, state_dict, max_shard_bytes=5 * 2**30, dtype=None):
+def save_pretrained(model_dir, cfg: ModelConfig, state_dict, max_shard_bytes=5 * 2**30,
+                    dtype=None):
     """Write config.json and safetensors in LLaDA's layout, atomically: everything goes to a
     temporary sibling directory which is then renamed into place. `state_dict` is our names ->
     full tensors (for FSDP, gathered by the caller). Files over `max_shard_bytes` are split into
@@ -324,7 +335,8 @@ def save_pretrained(model_dir, cfg: ModelConfig, state_dict, max_shard_bytes=5 *
 
 
 def write_checkpoint(tmp, cfg, state_dict, max_shard_bytes, dtype):
-    tensors = {PREFIX + k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in state_dict.items()}
+    tensors = {PREFIX + k: (v if dtype is None else v.to(dtype)).contiguous()
+               for k, v in state_dict.items()}
     shards, size = [[]], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -339,7 +351,8 @@ def write_checkpoint(tmp, cfg, state_dict, max_shard_bytes, dtype):
         n, weight_map = len(shards), {}
         for k, names in enumerate(shards, 1):
             fname = f"model-{k:05d}-of-{n:05d}.safetensors"
-            save_file({m: tensors[m] for m in names}, os.path.join(tmp, fname), metadata={"format": "pt"})
+            save_file({m: tensors[m] for m in names}, os.path.join(tmp, fname),
+                      metadata={"format": "pt"})
             weight_map.update({m: fname for m in names})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         with open(os.path.join(tmp, INDEX), "w") as f:

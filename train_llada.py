@@ -1,21 +1,20 @@
 """
 COPSD on LLaDA-8B-Instruct: the same model.py and copsd.py as the Sudoku toy, sharded with FSDP2.
 
-    torchrun --nproc_per_node=4 train_llada.py --model_dir ./LLaDA-8B-Instruct --task sudoku --out runs/copsd
-    torchrun --nproc_per_node=4 train_llada.py --model_dir runs/copsd --eval_only --task sudoku
-    python train_llada.py --model_dir DIR --task gsm8k --data gsm8k.jsonl --method self    # one process
-    python train_llada.py --random_init --bench --steps 3 --resample_every 1               # timings table
+    torchrun --nproc_per_node=4 train_llada.py --model_dir ./LLaDA-8B-Instruct --out runs/copsd
+    torchrun --nproc_per_node=4 train_llada.py --model_dir runs/copsd --eval_only
+    python train_llada.py --model_dir DIR --task gsm8k --data gsm8k.jsonl --method self
+    python train_llada.py --random_init --bench --steps 3      # timings on random 8B weights
 
-One process per GPU. The model is built on the meta device, sharded (`fully_shard` per block and at
-the root), and each rank then reads only its own rows of the safetensors (model.load_weights).
+One process per GPU. The model is built on the meta device, sharded (`fully_shard` per block and
+at the root), and each rank reads only its own rows of the safetensors (model.load_weights).
 Training is on-policy (Alg. 2): every `resample_every` steps the current weights θ' sample K
-responses per prompt and cache what COPSD needs; optimiser steps then use copsd.copsd_loss.
-Every random draw comes from a generator keyed by (seed, step, chunk of prompts), never by rank or
-by a global RNG state, so 1 and N processes with the same global batch compute the same thing, and
-a resumed run repeats exactly what the killed one would have done.
+responses per prompt and cache what the method needs; optimiser steps then train on them. Every
+random draw comes from a generator keyed by (seed, step, micro-batch), never by rank or a global
+RNG state, so 1 and N processes with the same global batch compute the same thing, and a resumed
+run repeats exactly what the killed one would have done.
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -25,119 +24,111 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+                                                     get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import copsd
 import model as M
+import sudoku
+from sudoku import MethodConfig, flag, parse_config
 
-# FSDP2 warns that our logits are a view (an in-place op on them would skip a hook; we do none), and
-# that DTensor random init on a CPU mesh is per-shard (only --random_init on CPU, where it is fine)
+# FSDP2 warns that our logits are a view (an in-place op on them would skip a hook; we do none),
+# and that DTensor random init on a CPU mesh is per shard (only --random_init on CPU: fine there)
 warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 warnings.filterwarnings("ignore", message=".*DTensor random operators.*")
 
 # ----------------------------------------------------------------------------------------------
 # configuration: every field is a flag; defaults are the paper's settings where it gives them
 
-ALL_METHODS = ["copsd", "self", "sft", "selfusion", "dopsd", "opdlm"]
+# copsd.METHODS less OPDLM, which needs a causal AR teacher of LLaDA's shape (sudoku.py runs it)
+METHODS = ("copsd", "self", "sft", "selfusion", "dopsd")
 
 
 @dataclass
-class TrainConfig:
-    model_dir: str = ""  # LLaDA's HF layout, or a run directory of this script (its latest checkpoint)
-    random_init: bool = False  # random weights of --config's shape (default LLaDA-8B's): no download
-    config: str = ""  # config.json for --random_init
-    tokenizer: str = ""  # tokenizer.json; default: the model directory's
-    out: str = "runs/copsd"
-    resume: bool = False  # continue from --out's latest checkpoint
-    eval_only: bool = False
-    skip_eval: bool = False
-    device: str = field(default="cuda", metadata=dict(choices=["cuda", "cpu"]))  # cpu: gloo, for tests
-    seed: int = 0
+class TrainConfig(MethodConfig):
+    model_dir: str = flag("", "LLaDA's HF layout, or a run directory of this script (its latest "
+                              "checkpoint)")
+    random_init: bool = flag(False, "random weights of --config's shape (default LLaDA-8B's): "
+                                    "no download")
+    config: str = flag("", "config.json (or a model directory) for --random_init")
+    tokenizer: str = flag("", "tokenizer.json; default: the model directory's")
+    out: str = flag("runs/copsd", "run directory: checkpoints, log.jsonl, results.jsonl")
+    resume: bool = flag(False, "continue from --out's latest checkpoint")
+    eval_only: bool = flag(False, "evaluate --model_dir and exit")
+    skip_eval: bool = flag(False, "no evaluation after training")
+    device: str = flag("cuda", "cuda (NCCL) or cpu (gloo, for tests)", choices=("cuda", "cpu"))
+    seed: int = flag(0, "seed of every random draw (keyed by step and micro-batch)")
     # prompts
-    task: str = field(default="sudoku", metadata=dict(choices=["sudoku", "gsm8k"]))
-    data: str = ""  # JSONL of {"prompt": ..., "answer": ...} to train on (gsm8k)
-    eval_data: str = ""  # JSONL to evaluate on; default --data
-    data_seed: int = 0  # the Sudoku puzzles (sudoku.make_splits)
-    n_train: int = 2000  # Sudoku prompts for self-distillation
-    n_eval: int = 256  # the paper evaluates Sudoku on 256 puzzles
-    # the method (Sec. 4, Table 3/4 ablations)
-    method: str = field(default="copsd", metadata=dict(choices=ALL_METHODS))
-    K: int = 4  # responses per prompt (Eq. 10's group)
-    t: float = 0.9  # Sec. 4.3 / 5.5: fixed t/T = 0.9
-    s: float = 0.5  # Sec. 5.5: s/T = 0.5
-    random_s: bool = False  # COPSD-Random: s ~ U(0, t) per prompt
-    keep_z: bool = False  # COPSD with Z
-    no_group_norm: bool = False  # A = d
-    dopsd_steps: int = 2  # d-OPSD: trajectory steps supervised per update (its code: all, over several updates)
-    resample_every: int = 0  # steps per rollout; 0 = sample once from p_0 (Alg. 2 read literally, as sudoku.py)
+    task: str = flag("sudoku", "built-in Sudoku prompts (d1's format), or GSM8K-style JSONL",
+                     choices=("sudoku", "gsm8k"))
+    data: str = flag("", 'JSONL of {"prompt": ..., "answer": ...} to train on (gsm8k)')
+    eval_data: str = flag("", "JSONL to evaluate on; default --data")
+    data_seed: int = flag(0, "seed of the Sudoku puzzles")
+    n_train: int = flag(2000, "Sudoku prompts for self-distillation")
+    n_eval: int = flag(256, "Sudoku evaluation puzzles (the paper: 256)")
+    # the method (Sec. 4; Table 3/4 ablations)
+    method: str = flag("copsd", "copsd (Alg. 2), self (Base-Self, Alg. 1), sft (ground truth), "
+                                "selfusion or dopsd", choices=METHODS)
+    dopsd_steps: int = flag(2, "d-OPSD: trajectory steps supervised per update")
     # the sampler (LLaDA's generate; Table 1's settings)
-    gen_length: int = 256
-    block_length: int = 32
-    train_tokens_per_step: int = 2  # tokens decoded per step in training rollouts
-    temperature: float = 1.0  # training rollouts; K > 1 needs diverse samples (evaluation is greedy)
-    remasking: str = field(default="low_confidence", metadata=dict(choices=["low_confidence", "random"]))
-    eval_tokens_per_step: str = "2,4,8,16"  # Table 1's columns
-    eval_batch: int = 16  # prompts per rank per forward in evaluation
+    gen_length: int = flag(256, "response tokens")
+    block_length: int = flag(32, "tokens per block of the sampler")
+    remasking: str = flag("low_confidence", "which masked positions a step decodes",
+                          choices=("low_confidence", "random"))
+    eval_tokens_per_step: tuple = flag((2, 4, 8, 16), "tokens per step in evaluation (Table 1)")
+    eval_batch: int = flag(16, "prompts per rank per forward in evaluation")
     # optimisation
-    steps: int = 100  # optimiser steps
-    prompts_per_step: int = 8  # global, over all ranks
-    micro_batch: int = 2  # prompts (x K rows) per forward, sampling and update: the gradient-accumulation unit
-    optimizer: str = field(default="adamw", metadata=dict(choices=["adamw", "sgd"]))
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # 0 = off
-    master_dtype: str = field(default="float32", metadata=dict(choices=["float32", "bfloat16"]))
-    act_ckpt: bool = False  # activation checkpointing per block
-    reshard_when_sampling: bool = False  # free gathered weights after every sampler forward (less memory, more comm)
+    steps: int = flag(100, "optimiser steps")
+    prompts_per_step: int = flag(8, "prompts per optimiser step, over all ranks")
+    micro_batch: int = flag(2, "prompts (x K rows) per forward, in sampling and update")
+    optimizer: str = flag("adamw", "optimiser", choices=("adamw", "sgd"))
+    lr: float = flag(1e-6, "learning rate")
+    weight_decay: float = flag(0.0, "weight decay")
+    grad_clip: float = flag(1.0, "gradient norm clip; 0 = off")
+    master_dtype: str = flag("float32", "dtype of the sharded master weights (compute is bf16)",
+                             choices=("float32", "bfloat16"))
+    act_ckpt: bool = flag(False, "activation checkpointing per block")
+    reshard_when_sampling: bool = flag(False, "free gathered weights after every sampler "
+                                              "forward (less memory, more communication)")
     # checkpoints
-    save_every: int = 50
-    keep_last: int = 2
-    save_dtype: str = field(default="float32", metadata=dict(choices=["float32", "bfloat16"]))
-    max_shard_gb: float = 5.0
+    save_every: int = flag(50, "steps between checkpoints")
+    keep_last: int = flag(2, "checkpoints kept")
+    save_dtype: str = flag("float32", "dtype of the exported weights (bf16 would erase updates "
+                                      "below its resolution)", choices=("float32", "bfloat16"))
+    max_shard_gb: float = flag(5.0, "largest safetensors shard of an export (GB)")
     # measurement
-    peak_flops: float = 989e12  # per GPU; H100 SXM bf16 dense
-    bench: bool = False  # no checkpoints, no eval: print time, tokens/s, MFU per phase, peak memory
-    bench_prompt_len: int = 200  # --bench prompts are random tokens of this length
-    crash_at_step: int = -1  # testing: os._exit mid-step (after the first backward), like a kill
-
-
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        if f.type is bool or f.type == "bool":
-            ap.add_argument(f"--{f.name}", action="store_true", help="(default: off)")
-        else:
-            ap.add_argument(f"--{f.name}", type=type(f.default), default=f.default,
-                            choices=f.metadata.get("choices"), help=f"(default: {f.default})")
-    return TrainConfig(**vars(ap.parse_args(argv)))
+    peak_flops: float = flag(989e12, "peak FLOP/s per GPU for MFU (H100 SXM bf16 dense)")
+    bench: bool = flag(False, "timings only (no checkpoints, no eval): every step samples; prints "
+                              "time, tokens/s and MFU per phase")
+    bench_prompt_len: int = flag(200, "--bench prompts are random tokens of this length")
 
 
 def check(cfg, world):
     """Bad flags: one line each, before any work."""
     errors = []
-    if cfg.method not in METHODS:
-        errors.append(f"--method {cfg.method}: not implemented yet in train_llada.py (it needs a causal AR "
-                      f"teacher; sudoku.py runs it)")
-    ns = [cfg.train_tokens_per_step] + ([] if cfg.bench else [int(n) for n in cfg.eval_tokens_per_step.split(",")])
+    ns = [cfg.train_tokens_per_step] + ([] if cfg.bench else list(cfg.eval_tokens_per_step))
     if cfg.gen_length % cfg.block_length:
-        errors.append(f"--gen_length {cfg.gen_length} is not a multiple of --block_length {cfg.block_length}")
+        errors.append(f"--gen_length {cfg.gen_length} is not a multiple of --block_length "
+                      f"{cfg.block_length}")
     errors += [f"tokens per step {n} does not divide --block_length {cfg.block_length}"
                for n in ns if n < 1 or cfg.block_length % n]
     if not 0 <= cfg.s < cfg.t <= 1:
         errors.append(f"need 0 <= s < t <= 1, got --t {cfg.t} --s {cfg.s}")
-    if cfg.method == "copsd" and cfg.K < 2 and not cfg.no_group_norm:
-        errors.append("--K must be >= 2 for group normalisation (or pass --no_group_norm)")
+    if cfg.method == "copsd" and cfg.K < 2 and cfg.group_norm:
+        errors.append("--K must be >= 2 for group normalisation (or pass --no-group_norm)")
     if cfg.micro_batch < 1 or cfg.prompts_per_step % (world * cfg.micro_batch):
         errors.append(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of "
                       f"{world} ranks x --micro_batch {cfg.micro_batch}")
@@ -171,8 +162,8 @@ def init_distributed(cfg):
 
 
 def generator(dev, *key):
-    """A generator seeded by a key like (seed, "rollout", step, chunk): the same draws for the same
-    work, whichever rank does it and however often the run was restarted."""
+    """A generator seeded by a key like (seed, "rollout", step, micro-batch): the same draws for
+    the same work, whichever rank does it and however often the run was restarted."""
     g = torch.Generator(device=dev)
     g.manual_seed(int(hashlib.sha256(repr(key).encode()).hexdigest()[:15], 16))
     return g
@@ -184,15 +175,15 @@ def sync(dev):
 
 
 # ----------------------------------------------------------------------------------------------
-# prompts: LLaDA-8B-Instruct's chat template, built-in Sudoku (d1's format) and GSM8K-style JSONL
+# prompts: LLaDA-8B-Instruct's chat template, built-in Sudoku (d1's format), GSM8K-style JSONL
 
 CHAT = ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
-# d1's Sudoku prompt (Zhao et al. 2025, diffu-GRPO): instructions, the puzzle as 16 digits (0 = blank),
-# the answer in <answer></answer>
-SUDOKU_PROMPT = """Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character \
-string reading left-to-right, top-to-bottom, where '0' represents empty cells.
+# d1's Sudoku prompt (diffu-GRPO): instructions, the puzzle as 16 digits (0 = blank), the answer
+# in <answer></answer>
+SUDOKU_PROMPT = """Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a \
+16-character string reading left-to-right, top-to-bottom, where '0' represents empty cells.
 
 Rules:
 - Fill empty cells with digits 1-4
@@ -216,16 +207,17 @@ Solve the following Sudoku puzzle: {puzzle}
 
 
 def load_tokenizer(path, mcfg):
-    from tokenizers import Tokenizer  # train_llada.py's one extra dependency
     if not os.path.isfile(path):
-        raise M.CheckpointError(f"{path}: no such file (the model directory's tokenizer.json, or --tokenizer)")
+        raise M.CheckpointError(f"{path}: no such file (the model directory's tokenizer.json, "
+                                "or --tokenizer)")
     try:
         tok = Tokenizer.from_file(path)
     except Exception as e:
         raise M.CheckpointError(f"{path}: not a tokenizers file ({e})") from None
     mask = tok.token_to_id("<|mdm_mask|>")
     if mask is not None and mask != mcfg.mask_token_id:
-        raise M.CheckpointError(f"{path}: <|mdm_mask|> is id {mask}, config.json says {mcfg.mask_token_id}")
+        raise M.CheckpointError(f"{path}: <|mdm_mask|> is id {mask}, config.json says "
+                                f"{mcfg.mask_token_id}")
     return tok
 
 
@@ -240,44 +232,53 @@ def load_jsonl(path):
                     r = json.loads(line)
                     rows.append({"prompt": str(r["prompt"]), "answer": str(r.get("answer", ""))})
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise SystemExit(f"error: {path}:{i}: not a JSON object with a \"prompt\" ({e})") from None
+                    raise SystemExit(f'error: {path}:{i}: not a JSON object with a "prompt" '
+                                     f"({e})") from None
     return rows
+
+
+def sudoku_rows(puzzles, sols):
+    return [{"prompt": SUDOKU_PROMPT.format(puzzle="".join(map(str, p))), "puzzle": p,
+             "solution": s, "answer": "<answer>\n" + "".join(map(str, s)) + "\n</answer>"}
+            for p, s in zip(puzzles, sols)]
 
 
 def make_data(cfg):
     """(train, eval) lists of {"prompt", "answer", ...}."""
     if cfg.task == "sudoku":
-        import sudoku
         sp = sudoku.make_splits(cfg.data_seed, 0, cfg.n_train, cfg.n_eval, n_val=0)
-        def rows(split):
-            return [{"prompt": SUDOKU_PROMPT.format(puzzle="".join(map(str, p))), "puzzle": p, "solution": s,
-                     "answer": "<answer>\n" + "".join(map(str, s)) + "\n</answer>"} for p, s in zip(*split)]
-        return rows(sp["distill"]), rows(sp["test"])
+        return sudoku_rows(*sp["distill"]), sudoku_rows(*sp["test"])
     train = load_jsonl(cfg.data) if cfg.data else []
     return train, load_jsonl(cfg.eval_data) if cfg.eval_data else train
 
 
 def tokenize(rows, tok, mcfg, cfg):
-    for r, enc in zip(rows, tok.encode_batch([CHAT.format(prompt=r["prompt"]) for r in rows], add_special_tokens=False)):
+    """Each row's prompt ids under the chat template; for SFT also its response: the answer,
+    <|eot_id|>, then EOS padding as in LLaDA's SFT."""
+    texts = [CHAT.format(prompt=r["prompt"]) for r in rows]
+    for r, enc in zip(rows, tok.encode_batch(texts, add_special_tokens=False)):
         r["ids"] = enc.ids
         if len(enc.ids) + cfg.gen_length > mcfg.max_sequence_length:
-            raise SystemExit(f"error: a prompt of {len(enc.ids)} tokens + --gen_length {cfg.gen_length} exceeds "
-                             f"max_sequence_length {mcfg.max_sequence_length}")
-    if cfg.method == "sft":  # the response: answer, <|eot_id|>, then EOS padding as in LLaDA's SFT
-        eot = tok.token_to_id("<|eot_id|>")
-        for r in rows:
-            r["answer_ids"] = tok.encode(r["answer"], add_special_tokens=False).ids + ([eot] if eot is not None else [])
+            raise SystemExit(f"error: a prompt of {len(enc.ids)} tokens + --gen_length "
+                             f"{cfg.gen_length} exceeds max_sequence_length "
+                             f"{mcfg.max_sequence_length}")
+    eot = tok.token_to_id("<|eot_id|>")
+    for r in rows if cfg.method == "sft" else []:
+        ids = tok.encode(r["answer"], add_special_tokens=False).ids + [eot] * (eot is not None)
+        r["answer_ids"] = (ids + [mcfg.eos_token_id] * cfg.gen_length)[:cfg.gen_length]
 
 
 def make_batch(rows, mcfg, dev):
-    """Left-padded prompts (B, P) and their key-padding mask, copsd.py's layout."""
+    """Left-padded prompts (B, P), their key-padding mask, and SFT's answers (B, L) if any."""
     P = max(len(r["ids"]) for r in rows)
     prompt = torch.full((len(rows), P), mcfg.pad_token_id, dtype=torch.long)
     attn = torch.zeros(len(rows), P, dtype=torch.bool)
     for i, r in enumerate(rows):
         prompt[i, P - len(r["ids"]):] = torch.tensor(r["ids"])
         attn[i, P - len(r["ids"]):] = True
-    return dict(prompt=prompt.to(dev), attn=attn.to(dev), rows=rows)
+    answers = torch.tensor([r["answer_ids"] for r in rows]) if "answer_ids" in rows[0] else None
+    return dict(prompt=prompt.to(dev), attn=attn.to(dev), rows=rows,
+                answers=None if answers is None else answers.to(dev))
 
 
 def response_text(tok, ids, mcfg):
@@ -293,13 +294,12 @@ def last_number(text):
 
 
 def score(task, texts, rows):
-    """Sudoku: fraction of blank cells filled correctly (App. A.1) and puzzles solved; GSM8K: the last
-    number of the response equals the reference's (after '####' if present)."""
+    """Sudoku: the fraction of blank cells filled correctly (App. A.1) and of puzzles solved;
+    GSM8K: whether the response's last number equals the reference's (after '####')."""
     if task == "sudoku":
-        import sudoku
         filled = []
         for text in texts:
-            inner = text.rsplit("<answer>", 1)[-1].split("</answer>")[0] if "<answer>" in text else ""
+            inner = text.rsplit("<answer>", 1)[-1].split("</answer>")[0] * ("<answer>" in text)
             digits = re.findall(r"\d", inner)
             runs = re.findall(r"\d{16}", text)
             cells = digits[:16] if len(digits) >= 16 else (list(runs[-1]) if runs else ["0"] * 16)
@@ -308,7 +308,8 @@ def score(task, texts, rows):
                             np.stack([r["solution"] for r in rows]))
     gold = [last_number(r["answer"].split("####")[-1]) for r in rows]
     pred = [last_number(t) for t in texts]
-    return dict(acc=float(np.mean([p is not None and g is not None and abs(p - g) < 1e-6 for p, g in zip(pred, gold)])))
+    right = [p is not None and g is not None and abs(p - g) < 1e-6 for p, g in zip(pred, gold)]
+    return dict(acc=float(np.mean(right)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,25 +325,30 @@ def resolve_model_dir(d):
     return d
 
 
-def build_model(cfg, src, dev, mesh):
-    """src: a model directory to load, or None for --random_init. The float32 master weights exist
-    only as each rank's shard; forward and backward run on bf16 copies, gradients reduce in float32."""
+def model_config(cfg, src):
     if src or os.path.isdir(cfg.config):
-        mcfg = M.read_config(src or cfg.config)
-    elif cfg.config:
-        try:
-            with open(cfg.config) as f:
-                mcfg = M.ModelConfig.from_dict(json.load(f))
-        except (OSError, ValueError) as e:
-            raise M.CheckpointError(f"{cfg.config}: {e}") from None
-    else:
-        mcfg = M.ModelConfig()  # LLaDA-8B-Instruct's shape
+        return M.read_config(src or cfg.config)
+    if not cfg.config:
+        return M.ModelConfig()  # LLaDA-8B-Instruct's shape
+    try:
+        with open(cfg.config) as f:
+            return M.ModelConfig.from_dict(json.load(f))
+    except (OSError, ValueError) as e:
+        raise M.CheckpointError(f"{cfg.config}: {e}") from None
+
+
+def build_model(cfg, src, dev, mesh):
+    """src: a model directory to load, or None for --random_init. The float32 master weights
+    exist only as each rank's shard; forward and backward run on bf16 copies, gradients reduce
+    in float32."""
+    mcfg = model_config(cfg, src)
     with torch.device("meta"):
         model = M.LLaDA(mcfg).to(getattr(torch, cfg.master_dtype))
-    # cast_forward_inputs=False: the rotary cos/sin handed to every block stay float32 (DESIGN: RoPE in
-    # float32), and activation checkpointing's recompute, which skips FSDP's input cast, sees the same dtypes
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
-        if dev.type == "cuda" else MixedPrecisionPolicy()  # CPU tests: float32 throughout
+    # cast_forward_inputs=False: the rotary cos/sin handed to every block stay float32, and
+    # activation checkpointing's recompute (which skips FSDP's input cast) sees the same dtypes
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                               cast_forward_inputs=False)
+          if dev.type == "cuda" else MixedPrecisionPolicy())  # CPU tests: float32 throughout
     for block in model.transformer.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -350,7 +356,7 @@ def build_model(cfg, src, dev, mesh):
     if src:
         M.load_weights(model, src)
     else:
-        torch.manual_seed(cfg.seed)  # the same on every rank: DTensor's RNG then draws each shard's part
+        torch.manual_seed(cfg.seed)  # the same on every rank: DTensor's RNG draws each shard
         model.init_weights()
     model.activation_checkpointing = cfg.act_ckpt
     return model, mcfg
@@ -358,8 +364,8 @@ def build_model(cfg, src, dev, mesh):
 
 @contextmanager
 def gathered(model, keep):
-    """During sampling (hundreds of no-grad forwards), keep each block's gathered bf16 weights instead
-    of all-gathering them again for every forward; free them afterwards for the update."""
+    """During sampling (hundreds of no-grad forwards) keep each block's gathered bf16 weights
+    instead of all-gathering them for every forward; free them afterwards for the update."""
     keep = keep and hasattr(model, "set_reshard_after_forward")  # torch >= 2.7
     if keep:
         model.set_reshard_after_forward(False)
@@ -373,97 +379,63 @@ def gathered(model, keep):
                     m.reshard()
 
 
-def count_flops(model, mcfg, counter):
-    """Model FLOPs of every forward (x3 with gradient): 2 N per token through the blocks' matmuls,
-    4 S^2 d per layer and row for attention, 2 d V per token that reaches the output head."""
-    c = mcfg
-    per_tok = c.n_layers * (c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.d_model ** 2
-                            + 3 * c.d_model * c.mlp_hidden_size)
+# ----------------------------------------------------------------------------------------------
+# model FLOPs, counted analytically from the shapes (as nanoGPT's estimate_mfu)
 
-    def hook(module, args, kwargs, out):
-        B, S = args[0].shape
-        f = 2 * B * S * per_tok + 4 * B * c.n_layers * S * S * c.d_model + 2 * B * out.shape[1] * c.d_model * c.embedding_size
-        counter[0] += 3 * f if torch.is_grad_enabled() else f
 
-    model.register_forward_hook(hook, with_kwargs=True)
+def forward_flops(c, rows, q, kv=None, head=0):
+    """One forward of `rows` rows over q positions attending to kv keys (default q), the output
+    head on `head` of them: 2 FLOPs per weight per token, 4 q kv d per layer for attention's two
+    products, 2 d V per head position. A backward costs twice a forward."""
+    per_token = c.n_layers * (c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+                              + c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size)
+    kv = q if kv is None else kv
+    return rows * (2 * q * per_token + 4 * c.n_layers * q * kv * c.d_model
+                   + 2 * head * c.d_model * c.embedding_size)
+
+
+def sampler_flops(c, cfg, rows, P):
+    """A rollout of `rows` responses: every step recomputes the whole sequence, the head on the
+    current block."""
+    S = P + cfg.gen_length
+    steps = cfg.gen_length // cfg.train_tokens_per_step
+    return steps * forward_flops(c, rows, S, head=cfg.block_length)
+
+
+def update_flops(c, cfg, ro):
+    """The forward passes (and backward) of one micro-batch's loss, and COPSD's two-view θ' pass
+    made at rollout time. d-OPSD: dopsd_steps student passes with gradient, as many teacher
+    passes without; SelFusion: two views with gradient; the others one pass."""
+    rows, S, L = len(ro), ro.seq.shape[1], ro.seq.shape[1] - ro.P
+    one = forward_flops(c, rows, S, head=L)
+    return {"copsd": 5 * one, "selfusion": 6 * one, "dopsd": 4 * cfg.dopsd_steps * one}.get(
+        cfg.method, 3 * one)
 
 
 # ----------------------------------------------------------------------------------------------
-# the methods: a rollout made with the current weights θ', a loss on one micro-batch of it, and the
-# count its mean is over (so micro-batches weight to one big batch). Rows are prompt-major, K per prompt.
-# A new method (copsd.selfusion_loss, ...) is one more entry.
+# the methods: a rollout made with the current weights θ', a loss on one micro-batch of it,
+# and the count its mean is over (so that micro-batches weigh as one big batch)
 
 
-def sampler_args(cfg):
-    return dict(gen_length=cfg.gen_length, block_length=cfg.block_length, remasking=cfg.remasking,
-                steps=cfg.gen_length // cfg.train_tokens_per_step, temperature=cfg.temperature)
+def draw(model, batch, cfg, mcfg, g):
+    """The method's rollout (copsd.make_rollout) for one micro-batch, rows prompt-major."""
+    return copsd.make_rollout(
+        cfg.method, model, batch["prompt"], batch["attn"], mcfg.mask_token_id, K=cfg.K,
+        answers=batch["answers"], generator=g, gen_length=cfg.gen_length,
+        block_length=cfg.block_length, steps=cfg.gen_length // cfg.train_tokens_per_step,
+        temperature=cfg.temperature, remasking=cfg.remasking, copsd_kw=cfg.copsd_kw())
 
 
-def with_response(b, seq, K):
-    attn = b["attn"].repeat_interleave(K, 0)
-    attn = torch.cat([attn, attn.new_ones(seq.shape[0], seq.shape[1] - attn.shape[1])], 1)
-    return dict(seq=seq, attn=attn, P=torch.tensor(b["prompt"].shape[1]))
+def loss_options(cfg):
+    """Each method's keyword options for its loss (copsd.METHODS), from the config."""
+    return dict(dopsd=dict(n_steps=cfg.dopsd_steps, block_length=cfg.block_length)).get(
+        cfg.method, {})
 
 
-def rollout_copsd(model, b, cfg, mcfg, g):  # Eq. 7-10
-    ro = copsd.copsd_rollout(model, b["prompt"], b["attn"], mcfg.mask_token_id, K=cfg.K, t=cfg.t, s=cfg.s,
-                             random_s=cfg.random_s, keep_z=cfg.keep_z, group_norm=not cfg.no_group_norm,
-                             generator=g, **sampler_args(cfg))
-    return dict(ro, P=torch.tensor(b["prompt"].shape[1]))
-
-
-def rollout_self(model, b, cfg, mcfg, g, record=False):  # Alg. 1: the model's own samples (+ trajectory)
-    states = [] if record else None
-    seq = copsd.generate(model, b["prompt"].repeat_interleave(cfg.K, 0), b["attn"].repeat_interleave(cfg.K, 0),
-                         mcfg.mask_token_id, generator=g, record=states, **sampler_args(cfg))
-    return dict(with_response(b, seq, cfg.K), **({"states": torch.stack(states, 1)} if record else {}))
-
-
-def rollout_sft(model, b, cfg, mcfg, g):  # ground truth, K rows per prompt like the others
-    y = torch.full((len(b["rows"]), cfg.gen_length), mcfg.eos_token_id, dtype=torch.long)
-    for i, r in enumerate(b["rows"]):
-        a = r["answer_ids"][:cfg.gen_length]
-        y[i, :len(a)] = torch.tensor(a, dtype=torch.long)
-    seq = torch.cat([b["prompt"], y.to(b["prompt"].device)], 1).repeat_interleave(cfg.K, 0)
-    return with_response(b, seq, cfg.K)
-
-
-def loss_copsd(model, ch, cfg, mcfg, g):  # Eq. 11-12
-    loss, stats = copsd.copsd_loss(model, ch, int(ch["P"]), mcfg.mask_token_id)
-    return loss, stats["d"]
-
-
-def loss_mdm(model, ch, cfg, mcfg, g):  # Eq. 2-3
-    return copsd.mdm_loss(model, ch["seq"], ch["attn"], int(ch["P"]), mcfg.mask_token_id, generator=g), 0.0
-
-
-def loss_selfusion(model, ch, cfg, mcfg, g):  # targets: the on-policy sample (no demonstrations)
-    return copsd.selfusion_loss(model, ch["seq"], ch["attn"], int(ch["P"]), mcfg.mask_token_id, generator=g)[0], 0.0
-
-
-def loss_dopsd(model, ch, cfg, mcfg, g):  # a random `dopsd_steps` of the trajectory's steps per update
-    return copsd.dopsd_loss(model, ch["seq"], ch["attn"], int(ch["P"]), mcfg.mask_token_id, None,
-                            ch["states"].transpose(0, 1), n_steps=cfg.dopsd_steps, block_length=cfg.block_length,
-                            generator=g)[0], 0.0
-
-
-def count_copsd(ch):
-    return int(ch["mask_ts"].sum())  # copsd_loss averages over the positions masked in y_{t-s}
-
-
-def count_rows(ch):  # mdm_loss averages over B * L; for the others, rows are the proxy
-    return ch["seq"].shape[0] * (ch["seq"].shape[1] - int(ch["P"]))
-
-
-METHODS = {  # name: (rollout with the current weights, loss on one micro-batch, count its mean is over)
-    "copsd": (rollout_copsd, loss_copsd, count_copsd),
-    "self": (rollout_self, loss_mdm, count_rows),  # Base-Self
-    "sft": (rollout_sft, loss_mdm, count_rows),
-    "selfusion": (rollout_self, loss_selfusion, count_rows),
-    "dopsd": (lambda *a: rollout_self(*a, record=True), loss_dopsd, count_rows),
-    # "opdlm" distills a causal AR teacher into its bidirectional copy: no such teacher exists for
-    # LLaDA-8B, so it runs in sudoku.py only
-}
+def loss_count(cfg, ro):
+    """What the loss averages over: COPSD the positions masked in y_{t-s}; the MDM loss the
+    response tokens (and the other losses, as a proxy)."""
+    return int(ro.mask_ts.sum()) if cfg.method == "copsd" else ro.seq.numel() - len(ro) * ro.P
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,18 +446,20 @@ METHODS = {  # name: (rollout with the current weights, loss on one micro-batch,
 def evaluate(model, mcfg, tok, rows, cfg, dev):
     world, rank = dist.get_world_size(), dist.get_rank()
     eb = cfg.eval_batch
-    per = -(-len(rows) // (world * eb)) * eb  # every rank runs the same number of batches (FSDP)
+    per = -(-len(rows) // (world * eb)) * eb  # every rank runs as many batches (FSDP)
     mine = [rows[min(i, len(rows) - 1)] for i in range(rank * per, (rank + 1) * per)]
     model.eval()
     out = {}
     with gathered(model, not cfg.reshard_when_sampling):
-        for n in [int(x) for x in cfg.eval_tokens_per_step.split(",")]:
+        for n in cfg.eval_tokens_per_step:
             texts = []
             for i in range(0, per, eb):
                 b = make_batch(mine[i:i + eb], mcfg, dev)
-                seq = copsd.generate(model, b["prompt"], b["attn"], mcfg.mask_token_id, cfg.gen_length,
-                                     cfg.block_length, cfg.gen_length // n, 0.0, cfg.remasking)
-                texts += [response_text(tok, s.tolist(), mcfg) for s in seq[:, b["prompt"].shape[1]:].cpu()]
+                seq = copsd.generate(model, b["prompt"], b["attn"], mcfg.mask_token_id,
+                                     cfg.gen_length, cfg.block_length, cfg.gen_length // n,
+                                     remasking=cfg.remasking)
+                texts += [response_text(tok, s.tolist(), mcfg)
+                          for s in seq[:, b["prompt"].shape[1]:].cpu()]
             everyone = [None] * world
             dist.all_gather_object(everyone, texts)
             out[n] = score(cfg.task, [t for ts in everyone for t in ts][:len(rows)], rows)
@@ -496,22 +470,23 @@ def report(results, cfg, name, step):
     if dist.get_rank() != 0:
         return
     key = "cell_acc" if cfg.task == "sudoku" else "acc"
-    ns = list(results)
-    print(f"\n{cfg.task}: {key} (%) by tokens per step\n" + "Model / # Tokens".ljust(40) + "".join(f"{n:>8}" for n in ns))
-    print(name[-39:].ljust(40) + "".join(f"{100 * results[n][key]:8.2f}" for n in ns))
+    print(f"\n{cfg.task}: {key} (%) by tokens per step\n" + "Model / # Tokens".ljust(40)
+          + "".join(f"{n:>8}" for n in results))
+    print(name[-39:].ljust(40) + "".join(f"{100 * r[key]:8.2f}" for r in results.values()))
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "results.jsonl"), "a") as f:
-        f.write(json.dumps(dict(model=name, step=step, method=cfg.method, results={str(n): r for n, r in results.items()})) + "\n")
+        f.write(json.dumps(dict(model=name, step=step, method=cfg.method,
+                                results={str(n): r for n, r in results.items()})) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
-# checkpoints: out/step-N/{hf/ (LLaDA's layout, rank 0), dcp/ (optimizer), rollout-rankR.safetensors,
-# meta.json}; `out/latest` names the newest complete one and is replaced atomically last, so a run
-# killed while saving resumes from the previous one. Weights are saved in float32 by default: at the
-# paper's small learning rates most updates are below bf16's resolution and a bf16 export would erase them.
+# checkpoints: out/step-N/{hf/ (LLaDA's layout, rank 0), dcp/ (optimizer), rollout-rankR,
+# meta.json}; `out/latest` names the newest complete one and is replaced atomically last, so a
+# run killed while saving resumes from the previous one. Weights are exported in float32 by
+# default: at the paper's small learning rates most updates are below bf16's resolution.
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "configuration_llada.py", "modeling_llada.py"]  # so that LLaDA's own code loads the export
+ASSET_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "generation_config.json", "configuration_llada.py", "modeling_llada.py"]
 
 
 def write_atomic(path, text):
@@ -521,31 +496,57 @@ def write_atomic(path, text):
 
 
 def read_assets(src, tok_path):
-    """The tokenizer and LLaDA's code files, read once: their directory may be an old checkpoint,
-    pruned later."""
-    paths = {f: os.path.join(src or "", f) for f in TOKENIZER_FILES} | {"tokenizer.json": tok_path}
-    return {f: open(p, "rb").read() for f, p in paths.items() if os.path.isfile(p)}
+    """The tokenizer and LLaDA's code files (so that LLaDA's own code loads an export), read
+    once: their directory may be an old checkpoint, pruned later."""
+    paths = {f: os.path.join(src or "", f) for f in ASSET_FILES} | {"tokenizer.json": tok_path}
+    out = {}
+    for name, p in paths.items():
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                out[name] = f.read()
+    return out
 
 
-def save_checkpoint(model, opt, mcfg, cfg, step, rollout, assets):
+def save_rollouts(path, pending):
+    """The window's unused rollouts: θ' that drew them is gone, so they are state too."""
+    tensors, meta = {}, {}
+    for (s, j), ro in pending.items():
+        meta[f"{s}.{j}"] = str(ro.P)
+        for f in fields(ro):
+            if torch.is_tensor(getattr(ro, f.name)):
+                tensors[f"{s}.{j}.{f.name}"] = getattr(ro, f.name).contiguous().cpu()
+    save_file(tensors, path, metadata=meta)
+
+
+def load_rollouts(path, dev):
+    with safe_open(path, framework="pt", device=str(dev)) as f:
+        meta, parts = f.metadata(), {}
+        for key in f.keys():
+            s, j, name = key.split(".", 2)
+            parts.setdefault((int(s), int(j)), {})[name] = f.get_tensor(key)
+    return {k: copsd.Rollout(**{"attn": None, **v}, P=int(meta[f"{k[0]}.{k[1]}"]))
+            for k, v in parts.items()}
+
+
+def save_checkpoint(model, opt, mcfg, cfg, step, pending, assets):
     rank, name = dist.get_rank(), f"step-{step:06d}"
     d = os.path.join(cfg.out, name)
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:  # full tensors on rank 0's CPU only
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(model, options=options)  # full tensors on rank 0's CPU only
+    if rank == 0:
         shutil.rmtree(d, ignore_errors=True)  # a partial one left by a killed run
-        M.save_pretrained(os.path.join(d, "hf"), mcfg, full, int(cfg.max_shard_gb * 2 ** 30), getattr(torch, cfg.save_dtype))
+        M.save_pretrained(os.path.join(d, "hf"), mcfg, full, int(cfg.max_shard_gb * 2 ** 30),
+                          getattr(torch, cfg.save_dtype))
         for fname, data in assets.items():
             with open(os.path.join(d, "hf", fname), "wb") as f:
                 f.write(data)
-        meta = dict(step=step, data_position=step * cfg.prompts_per_step, seed=cfg.seed,
-                    world_size=dist.get_world_size(), config=asdict(cfg))
+        meta = dict(step=step, seed=cfg.seed, world_size=dist.get_world_size(), config=asdict(cfg))
         write_atomic(os.path.join(d, "meta.json"), json.dumps(meta, indent=2))
     del full
     dist.barrier()
     dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=os.path.join(d, "dcp"))
-    if rollout:  # the current window's unused rollout: θ' that made it is gone, so it is state too
-        save_file({f"{s}.{j}.{k}": v.contiguous().cpu() for (s, j), ch in rollout.items() for k, v in ch.items()},
-                  os.path.join(d, f"rollout-rank{rank}.safetensors"))
+    if pending:
+        save_rollouts(os.path.join(d, f"rollout-rank{rank}.safetensors"), pending)
     dist.barrier()
     if rank == 0:
         write_atomic(os.path.join(cfg.out, "latest"), name)
@@ -562,128 +563,159 @@ def latest_checkpoint(cfg):
         d = os.path.join(cfg.out, f.read().strip())
     with open(os.path.join(d, "meta.json")) as f:
         meta = json.load(f)
-    for k in ["seed", "method", "K", "prompts_per_step", "micro_batch", "resample_every", "task", "data"]:
+    for k in ["seed", "method", "K", "prompts_per_step", "micro_batch", "resample_every", "task",
+              "data"]:
         if meta["config"][k] != getattr(cfg, k):
-            raise SystemExit(f"error: --resume: --{k} {getattr(cfg, k)} differs from the checkpoint's {meta['config'][k]}")
+            raise SystemExit(f"error: --resume: --{k} {getattr(cfg, k)} differs from the "
+                             f"checkpoint's {meta['config'][k]}")
     return d, meta
 
 
 def resume_state(d, meta, model, opt, dev):
-    """Optimizer state from DCP and this rank's saved rollout (the weights came with build_model)."""
+    """Optimizer state from DCP and this rank's saved rollouts (the weights came with
+    build_model)."""
     state = {"optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=os.path.join(d, "dcp"))
     set_optimizer_state_dict(model, opt, state["optim"])
-    path, rollout = os.path.join(d, f"rollout-rank{dist.get_rank()}.safetensors"), {}
-    if os.path.isfile(path):
-        if meta["world_size"] != dist.get_world_size():
-            raise SystemExit(f"error: --resume: {d} was saved mid-rollout by {meta['world_size']} ranks; resume with as many")
-        for key, v in load_file(path, device=str(dev)).items():
-            s, j, k = key.split(".", 2)
-            rollout.setdefault((int(s), int(j)), {})[k] = v
-    return meta["step"], rollout
+    path = os.path.join(d, f"rollout-rank{dist.get_rank()}.safetensors")
+    if not os.path.isfile(path):
+        return meta["step"], {}
+    if meta["world_size"] != dist.get_world_size():
+        raise SystemExit(f"error: --resume: {d} was saved mid-rollout by {meta['world_size']} "
+                         "ranks; resume with as many")
+    return meta["step"], load_rollouts(path, dev)
 
 
 # ----------------------------------------------------------------------------------------------
-# training: on-policy windows of `resample_every` steps; each rank its slice of every step's prompts
+# training: on-policy windows of `resample_every` steps; each rank its slice of every step
 
 
-def train(cfg, model, mcfg, rows, opt, start, rollout, dev, flops, assets):
+def micro_batches(rows, cfg, step):
+    """This rank's micro-batches of `step`: (prompts, global micro-batch id). Prompts follow a
+    seeded permutation per epoch, so the order depends on neither the rank count nor restarts."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    make_rollout, loss_fn, count = METHODS[cfg.method]
-    window = cfg.resample_every or cfg.steps
     per_rank = cfg.prompts_per_step // world
-    n_chunks = per_rank // cfg.micro_batch
-    perms = {}
-
-    def chunk(step, j):
-        """Rank's j-th micro-batch of `step`: prompts in a seeded order per epoch; its global id keys its RNG."""
+    out = []
+    for j in range(per_rank // cfg.micro_batch):
         first = step * cfg.prompts_per_step + rank * per_rank + j * cfg.micro_batch
         picked = []
         for i in range(first, first + cfg.micro_batch):
-            epoch = i // len(rows)
-            if epoch not in perms:
-                perms[epoch] = np.random.default_rng([cfg.seed, epoch]).permutation(len(rows))
-            picked.append(rows[perms[epoch][i % len(rows)]])
-        return picked, rank * n_chunks + j
+            order = np.random.default_rng([cfg.seed, i // len(rows)]).permutation(len(rows))
+            picked.append(rows[order[i % len(rows)]])
+        out.append((picked, rank * (per_rank // cfg.micro_batch) + j))
+    return out
 
-    log, bench = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None, []
+
+def sample(model, rows, cfg, mcfg, steps, dev):
+    """θ' = the current weights draw the rollouts of `steps`: {(step, j): Rollout}."""
+    model.eval()
+    out = {}
+    with gathered(model, not cfg.reshard_when_sampling):
+        for s in steps:
+            for j, (picked, mb) in enumerate(micro_batches(rows, cfg, s)):
+                g = generator(dev, cfg.seed, "rollout", s, mb)
+                out[(s, j)] = draw(model, make_batch(picked, mcfg, dev), cfg, mcfg, g)
+    return out
+
+
+def train_step(model, opt, step, chunks, cfg, dev):
+    """One optimiser step on this rank's micro-batches [(rollout, micro-batch id)]; returns the
+    mean loss and d over the global batch. FSDP averages gradients over ranks, so each
+    micro-batch's mean is weighted by its count over the global count, times the world size."""
+    model.train()
+    loss_fn, options = copsd.METHODS[cfg.method][1], loss_options(cfg)
+    counts = [loss_count(cfg, ro) for ro, _ in chunks]
+    total = torch.tensor([float(sum(counts))], device=dev)
+    dist.all_reduce(total)
+    total = max(total.item(), 1.0)
+    sums = torch.zeros(2, device=dev)
+    for (ro, mb), n in zip(chunks, counts):
+        g = generator(dev, cfg.seed, "loss", step, mb)
+        loss, stats = loss_fn(model, ro, model.cfg.mask_token_id, generator=g, **options)
+        (loss * (n * dist.get_world_size() / total)).backward()
+        sums += torch.tensor([loss.item() * n, stats.get("d", 0.0) * n], device=dev)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    dist.all_reduce(sums)
+    return (sums / total).tolist()
+
+
+def train(cfg, model, mcfg, rows, opt, start, pending, dev, assets):
+    """The loop: at each window's start sample the window's rollouts, then one optimiser step on
+    this step's micro-batches; log, and checkpoint every save_every steps. Returns per-step
+    records: each phase's time, tokens and FLOPs (this rank's)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    window = 1 if cfg.bench else cfg.resample_every or cfg.steps
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=start, desc=cfg.method, disable=rank != 0)
+    records = []
     for step in range(start, cfg.steps):
         sync(dev)
-        t0, f0 = time.perf_counter(), flops[0]
-        if step % window == 0:  # window start: θ' = the current weights sample the whole window's data
-            model.eval()
-            with gathered(model, not cfg.reshard_when_sampling):
-                for s in range(step, min(step + window, cfg.steps)):
-                    for j in range(n_chunks):
-                        picked, c = chunk(s, j)
-                        rollout[(s, j)] = make_rollout(model, make_batch(picked, mcfg, dev), cfg, mcfg,
-                                                       generator(dev, cfg.seed, "rollout", s, c))
+        t0 = time.perf_counter()
+        rec = dict(step=step + 1, sample_s=None, sample_flops=0, gen_tokens=0)
+        if step % window == 0:
+            pending = sample(model, rows, cfg, mcfg, range(step, min(step + window, cfg.steps)),
+                             dev)
+            sync(dev)
+            rec.update(sample_s=time.perf_counter() - t0,
+                       gen_tokens=sum(len(ro) for ro in pending.values()) * cfg.gen_length,
+                       sample_flops=sum(sampler_flops(mcfg, cfg, len(ro), ro.P)
+                                        for ro in pending.values()))
+        t1 = time.perf_counter()
+        chunks = [(pending.pop((step, j)), mb)
+                  for j, (_, mb) in enumerate(micro_batches(rows, cfg, step))]
+        rec["loss"], rec["d"] = train_step(model, opt, step, chunks, cfg, dev)
         sync(dev)
-        t1, f1 = time.perf_counter(), flops[0]
-        model.train()
-        chunks = [rollout.pop((step, j)) for j in range(n_chunks)]
-        counts = [count(ch) for ch in chunks]
-        total = torch.tensor([float(sum(counts))], device=dev)
-        dist.all_reduce(total)
-        # FSDP averages gradients over ranks: scale by world so that the sum of n_j / N-weighted
-        # micro-batch means equals the mean over the whole global batch
-        scale, sums = world / max(total.item(), 1.0), torch.zeros(2, device=dev)
-        for j, (ch, n) in enumerate(zip(chunks, counts)):
-            loss, d = loss_fn(model, ch, cfg, mcfg, generator(dev, cfg.seed, "loss", step, rank * n_chunks + j))
-            (loss * (n * scale)).backward()
-            if step == cfg.crash_at_step:
-                os._exit(3)  # testing: a kill in the middle of a step
-            sums += torch.tensor([loss.item() * n, d * n], device=dev)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dist.all_reduce(sums)
-        sync(dev)
-        t2, f2 = time.perf_counter(), flops[0]
-        rows_n = sum(ch["seq"].shape[0] for ch in chunks)
-        P_sum = sum(ch["seq"].shape[0] * ch["seq"].shape[1] for ch in chunks)
-        rec = dict(step=step + 1, loss=sums[0].item() / max(total.item(), 1), d=sums[1].item() / max(total.item(), 1),
-                   sample_s=t1 - t0, update_s=t2 - t1, sample_flops=f1 - f0, update_flops=f2 - f1,
-                   gen_tokens=rows_n * cfg.gen_length * world, update_tokens=P_sum * world)
-        bench.append(rec)
+        rec.update(update_s=time.perf_counter() - t1,
+                   update_tokens=sum(ro.seq.numel() for ro, _ in chunks),
+                   update_flops=sum(update_flops(mcfg, cfg, ro) for ro, _ in chunks))
+        records.append(rec)
         if rank == 0:
             log.write(json.dumps(rec) + "\n")
             log.flush()
+            seconds = time.perf_counter() - t0
+            mfu = (rec["sample_flops"] + rec["update_flops"]) / seconds / cfg.peak_flops
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", d=f"{rec['d']:.3g}",
-                            tok_s=f"{rec['gen_tokens'] / (t2 - t0):.0f}",
-                            mfu=f"{(f2 - f0) / (t2 - t0) / cfg.peak_flops:.1%}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", d=f"{rec['d']:.3g}", mfu=f"{mfu:.1%}",
+                            tok_s=f"{rec['gen_tokens'] * world / seconds:.0f}")
         if not cfg.bench and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(model, opt, mcfg, cfg, step + 1, rollout, assets)
+            save_checkpoint(model, opt, mcfg, cfg, step + 1, pending, assets)
     bar.close()
     if log:
         log.close()
-    return bench
+    return records
 
 
-def bench_table(recs, cfg, dev):
-    """Per phase: seconds per step, tokens/s, model TFLOP/s per GPU and MFU (steps after the first)."""
-    recs = recs[1:] or recs
-    world = dist.get_world_size()
-    tot = torch.tensor([[r[k] for k in ("sample_flops", "update_flops")] for r in recs], dtype=torch.float64, device=dev).sum(0)
-    dist.all_reduce(tot)  # FLOPs of all ranks
-    mem = torch.tensor([torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else 0.0], device=dev)
+def bench_table(records, cfg, dev):
+    """Per phase, over the steps after the first: seconds per step, tokens/s (all ranks), model
+    TFLOP/s per GPU and MFU, and peak memory per rank. A phase that did not run prints "—"."""
+    recs = records[1:] or records
+    n, world = len(recs), dist.get_world_size()
+    counts = torch.tensor([sum(r[k] for r in recs) / n for k in
+                           ("gen_tokens", "sample_flops", "update_tokens", "update_flops")],
+                          dtype=torch.float64, device=dev)
+    dist.all_reduce(counts)  # every rank's tokens and FLOPs
+    mem = torch.tensor([torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda"
+                        else 0.0], device=dev)
     mems = [torch.zeros_like(mem) for _ in range(world)]
     dist.all_gather(mems, mem)
     if dist.get_rank() != 0:
         return
-    n = len(recs)
-    ts = [sum(r["sample_s"] for r in recs) / n, sum(r["update_s"] for r in recs) / n]
-    toks = [sum(r["gen_tokens"] for r in recs) / n, sum(r["update_tokens"] for r in recs) / n]
-    fl = [tot[0].item() / n, tot[1].item() / n]
-    print(f"\n| phase | s/step | tokens/s | TFLOP/s per GPU | MFU |\n|---|---|---|---|---|")
-    for name, t, tk, f in [("sampling (generated tokens)", ts[0], toks[0], fl[0]),
-                           ("update (rows x (P+L) tokens)", ts[1], toks[1], fl[1]),
-                           ("step", ts[0] + ts[1], toks[0], fl[0] + fl[1])]:
-        tf = f / max(t, 1e-9) / world
-        print(f"| {name} | {t:.2f} | {tk / max(t, 1e-9):.0f} | {tf / 1e12:.1f} | {tf / cfg.peak_flops:.1%} |")
+    gen, fl_s, upd, fl_u = counts.tolist()
+    t_s = sum(r["sample_s"] or 0.0 for r in recs) / n
+    t_u = sum(r["update_s"] for r in recs) / n
+    print("\n| phase | s/step | tokens/s | TFLOP/s per GPU | MFU % |\n|---|---|---|---|---|")
+    for name, secs, tokens, flops in [("sampling (generated tokens)", t_s, gen, fl_s),
+                                      ("update (rows x (P+L) tokens)", t_u, upd, fl_u),
+                                      ("step", t_s + t_u, gen, fl_s + fl_u)]:
+        if secs == 0 or tokens == 0:  # the phase did not run in the measured steps
+            print(f"| {name} | — | — | — | — |")
+            continue
+        tf = flops / world / secs
+        print(f"| {name} | {secs:.4g} | {tokens / secs:.4g} | {tf / 1e12:.4g} | "
+              f"{100 * tf / cfg.peak_flops:.3g} |")
     print("peak GPU memory per rank (GiB): " + ", ".join(f"{m.item():.1f}" for m in mems))
 
 
@@ -691,48 +723,55 @@ def bench_table(recs, cfg, dev):
 # putting it together
 
 
+def bench_rows(cfg, mcfg):
+    """--bench prompts: random tokens of a fixed length (no tokenizer, no download)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    vocab = min(mcfg.vocab_size, mcfg.mask_token_id)
+    return [{"ids": torch.randint(0, vocab, (cfg.bench_prompt_len,), generator=g).tolist(),
+             "answer_ids": [mcfg.eos_token_id] * cfg.gen_length}
+            for _ in range(cfg.prompts_per_step)]
+
+
 def run(cfg, dev, mesh):
-    world, rank = dist.get_world_size(), dist.get_rank()
-    check(cfg, world)
+    check(cfg, dist.get_world_size())
     ckpt, meta = latest_checkpoint(cfg) if cfg.resume else (None, None)
-    src = os.path.join(ckpt, "hf") if ckpt else None if cfg.random_init else resolve_model_dir(cfg.model_dir)
+    src = (os.path.join(ckpt, "hf") if ckpt else
+           None if cfg.random_init else resolve_model_dir(cfg.model_dir))
     model, mcfg = build_model(cfg, src, dev, mesh)
-    flops = [0]
-    count_flops(model, mcfg, flops)
     tok_path = cfg.tokenizer or os.path.join(src or cfg.model_dir or ".", "tokenizer.json")
-    if cfg.bench:  # random prompts of a fixed length: no tokenizer or download needed
-        g = torch.Generator().manual_seed(cfg.seed)
-        train_rows = [{"ids": torch.randint(0, min(mcfg.vocab_size, mcfg.mask_token_id), (cfg.bench_prompt_len,),
-                                            generator=g).tolist(), "answer_ids": []} for _ in range(cfg.prompts_per_step)]
+    if cfg.bench:
+        train_rows, eval_rows, assets = bench_rows(cfg, mcfg), [], {}
     else:
         tok = load_tokenizer(tok_path, mcfg)
         train_rows, eval_rows = make_data(cfg)
         tokenize(train_rows, tok, mcfg, cfg)
         tokenize(eval_rows, tok, mcfg, cfg)
+        assets = read_assets(src, tok_path)
     if cfg.eval_only:
         report(evaluate(model, mcfg, tok, eval_rows, cfg, dev), cfg, src, None)
         return
     if not train_rows:
         raise SystemExit("error: no training prompts (--data)")
-    if rank == 0:
+    if dist.get_rank() == 0:
         os.makedirs(cfg.out, exist_ok=True)
-        print(f"{cfg.method}: {model.num_params() / 1e9:.2f}B parameters on {world} rank(s), "
-              f"{len(train_rows)} prompts, {cfg.steps} steps of {cfg.prompts_per_step} prompts x {cfg.K}")
+        print(f"{cfg.method}: {model.num_params() / 1e9:.2f}B parameters on "
+              f"{dist.get_world_size()} rank(s), {len(train_rows)} prompts, {cfg.steps} steps of "
+              f"{cfg.prompts_per_step} prompts x {cfg.K}")
     dist.barrier()
     Opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
     opt = Opt(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, rollout = resume_state(ckpt, meta, model, opt, dev) if ckpt else (0, {})
-    recs = train(cfg, model, mcfg, train_rows, opt, start, rollout, dev, flops,
-                 {} if cfg.bench else read_assets(src, tok_path))
+    start, pending = resume_state(ckpt, meta, model, opt, dev) if ckpt else (0, {})
+    records = train(cfg, model, mcfg, train_rows, opt, start, pending, dev, assets)
     if cfg.bench:
-        bench_table(recs, cfg, dev)
+        bench_table(records, cfg, dev)
     elif not cfg.skip_eval and eval_rows:
-        report(evaluate(model, mcfg, tok, eval_rows, cfg, dev), cfg, os.path.join(cfg.out, f"step-{cfg.steps:06d}"), cfg.steps)
+        report(evaluate(model, mcfg, tok, eval_rows, cfg, dev), cfg,
+               os.path.join(cfg.out, f"step-{cfg.steps:06d}"), cfg.steps)
 
 
 def main(argv=None):
-    """Command line entry; bad input ends in a one-line error and a non-zero exit status."""
-    cfg = parse_args(argv)
+    """The command line; bad input ends in a one-line error and a non-zero exit status."""
+    cfg = parse_config(TrainConfig, argv, description=__doc__)
     try:
         dev, mesh = init_distributed(cfg)
         try:

@@ -1,5 +1,7 @@
 """copsd.py: masks, MDM loss, LLaDA's sampler, calibration, group normalisation, the COPSD loss."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 
 import copsd
 from conftest import MASK, VOCAB, tiny_model
+from copsd import Rollout
 
 
 def gen(seed):
@@ -92,7 +95,7 @@ def test_apply_mask_leaves_prompt():
 def test_mdm_loss_finite_and_backprops(model):
     seq = torch.randint(0, VOCAB, (4, 12), generator=gen(0))
     attn = torch.ones_like(seq, dtype=torch.bool)
-    loss = copsd.mdm_loss(model, seq, attn, 4, MASK, generator=gen(1))
+    loss, _ = copsd.mdm_loss(model, Rollout(seq, attn, 4), MASK, generator=gen(1))
     assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
     loss.backward()
     grads = [p.grad for p in model.parameters()]
@@ -104,7 +107,7 @@ def test_mdm_loss_matches_manual_computation(model):
     B, P, L, eps = 3, 4, 8, 1e-3
     seq = torch.randint(0, VOCAB, (B, P + L), generator=gen(0))
     attn = torch.ones_like(seq, dtype=torch.bool)
-    loss = copsd.mdm_loss(model, seq, attn, P, MASK, eps=eps, generator=gen(7))
+    loss, _ = copsd.mdm_loss(model, Rollout(seq, attn, P), MASK, eps=eps, generator=gen(7))
     # the same draws by hand: t ~ U(eps, 1) per row, then one uniform per response position
     g = gen(7)
     t = (1 - eps) * torch.rand(B, generator=g) + eps
@@ -124,7 +127,8 @@ def test_mdm_loss_only_masked_response_positions_contribute():
     for seed in range(5):
         fake.zero_grad()
         fake.inputs.clear()
-        copsd.mdm_loss(fake, seq, torch.ones_like(seq, dtype=torch.bool), P, MASK, generator=gen(seed)).backward()
+        ro = Rollout(seq, torch.ones_like(seq, dtype=torch.bool), P)
+        copsd.mdm_loss(fake, ro, MASK, generator=gen(seed))[0].backward()
         (x,) = fake.inputs
         assert torch.equal(x[:, :P], seq[:, :P])  # the prompt is never masked
         visible = x[:, P:] != MASK
@@ -144,7 +148,8 @@ def test_mdm_loss_is_unbiased():
     attn = torch.ones_like(seq, dtype=torch.bool)
     g = gen(2)
     with torch.no_grad():
-        est = torch.stack([copsd.mdm_loss(fake, seq, attn, P, MASK, generator=g) for _ in range(1000)]).mean()
+        ro = Rollout(seq, attn, P)
+        est = torch.stack([copsd.mdm_loss(fake, ro, MASK, generator=g)[0] for _ in range(1000)]).mean()
         target = F.cross_entropy(fake.logits[:, P:].transpose(1, 2), seq[:, P:])
     assert abs(est / target - 1) < 0.1
 
@@ -298,7 +303,7 @@ def test_calibration_matches_independent_computation(model):
     attn = torch.ones_like(seq, dtype=torch.bool)
     attn[0, :2] = False
     mask_t, mask_ts = copsd.nested_masks((B, L), 0.9, 0.5, generator=gen(1))
-    old_logp, d, log_z = copsd.calibration(model, seq, attn, P, mask_t, mask_ts, MASK)
+    old_logp, d, log_z = copsd.calibration(model, Rollout(seq, attn, P), mask_t, mask_ts, MASK)
     assert log_z is None
     yt, yts = views(seq, P, mask_t, mask_ts)
     with torch.no_grad():
@@ -310,7 +315,7 @@ def test_calibration_matches_independent_computation(model):
     torch.testing.assert_close(d.double(), (pts_y - pt_y) ** 2, rtol=1e-4, atol=1e-7)
     assert old_logp.dtype == d.dtype == torch.float32
     assert (d > 0).any()
-    _, _, log_z = copsd.calibration(model, seq, attn, P, mask_t, mask_ts, MASK, keep_z=True)
+    _, _, log_z = copsd.calibration(model, Rollout(seq, attn, P), mask_t, mask_ts, MASK, keep_z=True)
     ref = (p_t * torch.exp(-(p_ts - p_t) ** 2)).sum(-1).log()
     torch.testing.assert_close(log_z.double(), ref, rtol=1e-4, atol=1e-6)
 
@@ -328,32 +333,32 @@ def test_rollout_rows_are_prompt_major_and_share_masks():
     B, P, K = 3, prompt.shape[1], 4
     ro = rollout(m, prompt, pattn, K=K, t=0.9, s=0.5)
     L = ROLL["gen_length"]
-    assert ro["seq"].shape == (B * K, P + L)
+    assert ro.seq.shape == (B * K, P + L)
     for key in ("mask_t", "mask_ts", "old_logp", "d", "A"):
-        assert ro[key].shape == (B * K, L), key
-    assert not (ro["seq"] == MASK).any()
-    assert torch.equal(ro["attn"][:, :P], pattn.repeat_interleave(K, 0)) and ro["attn"][:, P:].all()
-    assert not (ro["mask_ts"] & ~ro["mask_t"]).any()
+        assert getattr(ro, key).shape == (B * K, L), key
+    assert not (ro.seq == MASK).any()
+    assert torch.equal(ro.attn[:, :P], pattn.repeat_interleave(K, 0)) and ro.attn[:, P:].all()
+    assert not (ro.mask_ts & ~ro.mask_t).any()
     for p in range(B):
         grp = slice(p * K, (p + 1) * K)
-        assert (ro["seq"][grp, :P] == prompt[p]).all()
-        assert (ro["mask_t"][grp] == ro["mask_t"][p * K]).all()
-        assert (ro["mask_ts"][grp] == ro["mask_ts"][p * K]).all()
-        assert len({tuple(r.tolist()) for r in ro["seq"][grp, P:]}) > 1  # temperature 1: diverse
+        assert (ro.seq[grp, :P] == prompt[p]).all()
+        assert (ro.mask_t[grp] == ro.mask_t[p * K]).all()
+        assert (ro.mask_ts[grp] == ro.mask_ts[p * K]).all()
+        assert len({tuple(r.tolist()) for r in ro.seq[grp, P:]}) > 1  # temperature 1: diverse
     # the cached numbers are the old model's, on the rollout's own views
-    old_logp, d, _ = copsd.calibration(m, ro["seq"], ro["attn"], P, ro["mask_t"], ro["mask_ts"], MASK)
-    torch.testing.assert_close(ro["old_logp"], old_logp)
-    torch.testing.assert_close(ro["d"], d)
-    torch.testing.assert_close(ro["A"], copsd.group_normalize(d, K))
+    old_logp, d, _ = copsd.calibration(m, ro, ro.mask_t, ro.mask_ts, MASK)
+    torch.testing.assert_close(ro.old_logp, old_logp)
+    torch.testing.assert_close(ro.d, d)
+    torch.testing.assert_close(ro.A, copsd.group_normalize(d, K))
 
 
 def test_rollout_random_s():
     m = tiny_model(seed=2)
     prompt, pattn, _ = padded_prompts([3] * 6, seed=5)
     ro = rollout(m, prompt, pattn, K=2, t=0.9, random_s=True, gen_length=16, block_length=16, steps=4)
-    assert not (ro["mask_ts"] & ~ro["mask_t"]).any()
+    assert not (ro.mask_ts & ~ro.mask_t).any()
     # s differs per prompt (not the fixed 0.5): the late-view ratios vary across prompts
-    ratios = ro["mask_ts"][::2].float().mean(1)
+    ratios = ro.mask_ts[::2].float().mean(1)
     assert len(set(ratios.tolist())) > 1
 
 
@@ -361,11 +366,11 @@ def test_no_group_norm_gives_a_equal_d():
     m = tiny_model(seed=2)
     prompt, pattn, _ = padded_prompts([3, 5], seed=4)
     ro = rollout(m, prompt, pattn, K=3, group_norm=False)
-    assert torch.equal(ro["A"], ro["d"])
+    assert torch.equal(ro.A, ro.d)
     normed = rollout(m, prompt, pattn, K=3)
-    assert torch.equal(normed["seq"], ro["seq"])
-    torch.testing.assert_close(normed["A"], copsd.group_normalize(ro["d"], 3))
-    assert not torch.allclose(normed["A"], ro["A"])
+    assert torch.equal(normed.seq, ro.seq)
+    torch.testing.assert_close(normed.A, copsd.group_normalize(ro.d, 3))
+    assert not torch.allclose(normed.A, ro.A)
 
 
 def test_keep_z_adds_exactly_log_z():
@@ -375,20 +380,20 @@ def test_keep_z_adds_exactly_log_z():
     plain = rollout(m, prompt, pattn, K=K, group_norm=False)
     with_z = rollout(m, prompt, pattn, K=K, group_norm=False, keep_z=True)
     for key in ("seq", "mask_t", "mask_ts"):
-        assert torch.equal(plain[key], with_z[key]), key  # same seed: same samples and masks
-    torch.testing.assert_close(with_z["d"], plain["d"])
+        assert torch.equal(getattr(plain, key), getattr(with_z, key)), key  # same seed: same samples and masks
+    torch.testing.assert_close(with_z.d, plain.d)
     # log Z_i = log sum_v p(v|y_t) exp(-(p(v|y_{t-s}) - p(v|y_t))^2), over the whole vocabulary
-    yt, yts = views(plain["seq"], P, plain["mask_t"], plain["mask_ts"])
+    yt, yts = views(plain.seq, P, plain.mask_t, plain.mask_ts)
     with torch.no_grad():
-        p_t = F.softmax(m(yt, plain["attn"])[:, P:].double(), -1)
-        p_ts = F.softmax(m(yts, plain["attn"])[:, P:].double(), -1)
+        p_t = F.softmax(m(yt, plain.attn)[:, P:].double(), -1)
+        p_ts = F.softmax(m(yts, plain.attn)[:, P:].double(), -1)
     log_z = (p_t * torch.exp(-(p_ts - p_t) ** 2)).sum(-1).log()
     assert (log_z < 0).all()
-    torch.testing.assert_close((with_z["A"] - plain["A"]).double(), log_z, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close((with_z.A - plain.A).double(), log_z, rtol=1e-4, atol=1e-6)
     # and with normalisation: A = group_normalize(d + log Z)
     normed = rollout(m, prompt, pattn, K=K, keep_z=True)
     # (compared on the float32 d + log Z: normalising tiny spreads amplifies round-off)
-    torch.testing.assert_close(normed["A"], copsd.group_normalize(with_z["A"], K))
+    torch.testing.assert_close(normed.A, copsd.group_normalize(with_z.A, K))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,8 +439,8 @@ def test_copsd_loss_gradient_at_r_equal_1(monkeypatch):
     prompt, pattn, _ = padded_prompts([3, 5], seed=4)
     P = prompt.shape[1]
     ro = rollout(m, prompt, pattn, K=3, t=0.9, s=0.5)
-    m_ts = ro["mask_ts"]
-    assert m_ts.any() and (ro["mask_t"] & ~m_ts).any()
+    m_ts = ro.mask_ts
+    assert m_ts.any() and (ro.mask_t & ~m_ts).any()
     captured = {}
     orig = copsd.token_logprobs
 
@@ -446,14 +451,14 @@ def test_copsd_loss_gradient_at_r_equal_1(monkeypatch):
         return lp
 
     monkeypatch.setattr(copsd, "token_logprobs", spy)
-    loss, stats = copsd.copsd_loss(m, ro, P, MASK)
+    loss, stats = copsd.copsd_loss(m, ro, MASK)
     n = m_ts.sum()
     assert stats["n_tokens"] == int(n)
-    assert abs(stats["d"] - (ro["d"] * m_ts).sum().item() / n.item()) < 1e-6
-    torch.testing.assert_close(captured["logp"].detach(), ro["old_logp"], rtol=1e-4, atol=1e-5)  # r = 1
-    torch.testing.assert_close(loss.detach(), (ro["A"] * m_ts).sum() / n, rtol=1e-4, atol=1e-5)
+    assert abs(stats["d"] - (ro.d * m_ts).sum().item() / n.item()) < 1e-6
+    torch.testing.assert_close(captured["logp"].detach(), ro.old_logp, rtol=1e-4, atol=1e-5)  # r = 1
+    torch.testing.assert_close(loss.detach(), (ro.A * m_ts).sum() / n, rtol=1e-4, atol=1e-5)
     loss.backward()
-    torch.testing.assert_close(captured["logp"].grad, (1 + ro["A"]) * m_ts / n, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(captured["logp"].grad, (1 + ro.A) * m_ts / n, rtol=1e-4, atol=1e-6)
 
 
 def test_copsd_loss_only_counts_positions_masked_late():
@@ -461,14 +466,15 @@ def test_copsd_loss_only_counts_positions_masked_late():
     prompt, pattn, _ = padded_prompts([3, 5], seed=4)
     P = prompt.shape[1]
     ro = rollout(m, prompt, pattn, K=2)
-    base, _ = copsd.copsd_loss(m, ro, P, MASK)
+    base, _ = copsd.copsd_loss(m, ro, MASK)
     # changing A or l' where y_{t-s} is not masked changes nothing; where it is, the loss moves
-    off = ~ro["mask_ts"]
+    off = ~ro.mask_ts
     assert off.any()
-    changed = dict(ro, A=torch.where(off, ro["A"] + 5.0, ro["A"]), old_logp=torch.where(off, ro["old_logp"] - 1, ro["old_logp"]))
-    torch.testing.assert_close(copsd.copsd_loss(m, changed, P, MASK)[0], base)
-    changed = dict(ro, A=torch.where(off, ro["A"], ro["A"] + 5.0))
-    assert (copsd.copsd_loss(m, changed, P, MASK)[0] - base).abs() > 1
+    changed = dataclasses.replace(ro, A=torch.where(off, ro.A + 5.0, ro.A),
+                                  old_logp=torch.where(off, ro.old_logp - 1, ro.old_logp))
+    torch.testing.assert_close(copsd.copsd_loss(m, changed, MASK)[0], base)
+    changed = dataclasses.replace(ro, A=torch.where(off, ro.A, ro.A + 5.0))
+    assert (copsd.copsd_loss(m, changed, MASK)[0] - base).abs() > 1
 
 
 def test_copsd_sgd_step_lowers_larger_distance_tokens_more():
@@ -483,12 +489,12 @@ def test_copsd_sgd_step_lowers_larger_distance_tokens_more():
     mask_ts[:, 0], mask_t[:, 0] = True, True  # at least one position of each kind
     mask_ts[:, 1] = False
     fake = FixedLogits(torch.zeros(B * K, P + L, VOCAB))
-    old_logp, _, _ = copsd.calibration(fake, seq, attn, P, mask_t, mask_ts, MASK)
+    old_logp, _, _ = copsd.calibration(fake, Rollout(seq, attn, P), mask_t, mask_ts, MASK)
     d = torch.rand(B * K, L, generator=gen(2)) ** 2  # distinct distances
     A = copsd.group_normalize(d, K)
-    ro = dict(seq=seq, attn=attn, mask_t=mask_t, mask_ts=mask_ts, old_logp=old_logp, d=d, A=A)
+    ro = Rollout(seq, attn, P, mask_t=mask_t, mask_ts=mask_ts, old_logp=old_logp, d=d, A=A)
     opt = torch.optim.SGD(fake.parameters(), lr=1.0)
-    loss, _ = copsd.copsd_loss(fake, ro, P, MASK)
+    loss, _ = copsd.copsd_loss(fake, ro, MASK)
     loss.backward()
     opt.step()
     with torch.no_grad():

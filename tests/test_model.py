@@ -123,7 +123,8 @@ def test_config_validation():
 
 
 def llada_names(cfg):
-    """DESIGN.md's tensor names and shapes, written out independently of model.py."""
+    """LLaDA's tensor names and shapes (its Hugging Face checkpoint), written out independently of
+    model.py."""
     d, hd, h = cfg.d_model, cfg.d_model // cfg.n_heads, cfg.mlp_hidden_size
     out = {"model.transformer.wte.weight": (cfg.embedding_size, d),
            "model.transformer.ln_f.weight": (d,),

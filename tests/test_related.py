@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
 
 import copsd  # noqa: E402
+from copsd import Rollout  # noqa: E402
 from model import LLaDA, ModelConfig  # noqa: E402
 
 V, M = 12, 13  # vocab_size, mask id (past the head, as in LLaDA's padded embedding)
@@ -37,11 +38,12 @@ def prompts(B=3, seed=0):
 
 
 def rollout(model, B=3, steps=4, temperature=1.0, seed=0):
-    """On-policy data: the final sequences, their attention mask, and the recorded trajectory."""
+    """On-policy data: the final sequences, their attention mask, and the recorded trajectory
+    (B, T + 1, P + L)."""
     prompt, pattn = prompts(B, seed)
-    states = []
-    seq = copsd.generate(model, prompt, pattn, M, gen_length=L, block_length=L, steps=steps, temperature=temperature,
-                         generator=torch.Generator().manual_seed(seed), record=states)
+    seq, states = copsd.generate(model, prompt, pattn, M, gen_length=L, block_length=L, steps=steps,
+                                 temperature=temperature, generator=torch.Generator().manual_seed(seed),
+                                 record=True)
     return seq, torch.cat([pattn, torch.ones(B, L, dtype=torch.bool)], 1), states
 
 
@@ -67,10 +69,10 @@ def test_generate_record_is_the_trajectory_and_changes_nothing():
     prompt, pattn = prompts()
     g = lambda: torch.Generator().manual_seed(1)
     plain = copsd.generate(model, prompt, pattn, M, L, L, 4, temperature=1.0, generator=g())
-    states = []
-    seq = copsd.generate(model, prompt, pattn, M, L, L, 4, temperature=1.0, generator=g(), record=states)
+    seq, states = copsd.generate(model, prompt, pattn, M, L, L, 4, temperature=1.0, generator=g(), record=True)
     assert torch.equal(seq, plain)  # backward compatible: same samples with or without a record
-    assert len(states) == 4 + 1
+    assert states.shape == (3, 4 + 1, P + L)  # batch-first
+    states = states.unbind(1)
     assert (states[0][:, P:] == M).all() and torch.equal(states[-1], seq)
     for a, b in zip(states, states[1:]):
         newly = (a[:, P:] == M) & (b[:, P:] != M)
@@ -145,7 +147,7 @@ def test_selfusion_kd_direction_flips_in_the_loss():
     grads = {}
     for name, (h, e) in dict(easy_right=(bad, good), hard_right=(good, bad)).items():
         m = TwoModes(h, e)
-        loss, st = copsd.selfusion_loss(m, seq, attn, P, M, t_hard=1.0, t_easy=0.5,
+        loss, st = copsd.selfusion_loss(m, Rollout(seq, attn, P), M, t_hard=1.0, t_easy=0.5,
                                         generator=torch.Generator().manual_seed(3))
         assert 0 < st["n_tokens"] < B * L  # some positions masked in both views, not all
         loss.backward()
@@ -161,8 +163,8 @@ def test_selfusion_kd_direction_flips_in_the_loss():
 def test_selfusion_without_kd_is_the_mdm_loss():
     model = tiny()
     seq, attn, _ = rollout(model)
-    ref = copsd.mdm_loss(model, seq, attn, P, M, generator=torch.Generator().manual_seed(5))
-    loss, _ = copsd.selfusion_loss(model, seq, attn, P, M, kd_weight=0.0,
+    ref, _ = copsd.mdm_loss(model, Rollout(seq, attn, P), M, generator=torch.Generator().manual_seed(5))
+    loss, _ = copsd.selfusion_loss(model, Rollout(seq, attn, P), M, kd_weight=0.0,
                                    generator=torch.Generator().manual_seed(5))
     assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)
 
@@ -173,7 +175,7 @@ def test_selfusion_finite_and_backprops():
     gt = torch.randint(1, V, (seq.shape[0], L))
     for targets in (None, gt):  # on-policy (default) and ground truth
         model.zero_grad()
-        loss, st = copsd.selfusion_loss(model, seq, attn, P, M, targets=targets, t_hard=0.9, t_easy=0.4,
+        loss, st = copsd.selfusion_loss(model, Rollout(seq, attn, P), M, targets=targets, t_hard=0.9, t_easy=0.4,
                                         generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(loss) and st["kd"] >= 0
         loss.backward()
@@ -190,13 +192,13 @@ def test_dopsd_teacher_sees_the_answer_student_does_not(suffix):
     model = tiny()
     seq, attn, states = rollout(model)
     rec = Recorder(model)
-    loss, st = copsd.dopsd_loss(rec, seq, attn, P, M, None, states, retain_ratio=0.5, suffix=suffix,
+    loss, st = copsd.dopsd_loss(rec, Rollout(seq, attn, P, states), M, retain_ratio=0.5, suffix=suffix,
                                 generator=torch.Generator().manual_seed(0))
     assert st["revealed"] > 0
     (teacher,) = [c for c in rec.calls if not c["grad"]]
     (student,) = [c for c in rec.calls if c["grad"]]
-    n = len(states) - 1
-    x_in = torch.stack(states[:-1]).flatten(0, 1)
+    n = states.shape[1] - 1
+    x_in = states[:, :-1].transpose(0, 1).flatten(0, 1)  # rows (step, prompt)
     y = seq[:, P:].repeat(n, 1)
     assert torch.equal(student["idx"], x_in)  # the student: its own states, no answer
     t = teacher["idx"]
@@ -222,7 +224,7 @@ def test_dopsd_teacher_sees_the_answer_student_does_not(suffix):
 def test_dopsd_teacher_view_reveals_only_the_future():
     model = tiny()
     seq, attn, states = rollout(model, steps=8)
-    S = torch.stack(states)
+    S = states.transpose(0, 1)  # (T + 1, B, P + L)
     x_in, x_out, y = S[:-1].flatten(0, 1), S[1:].flatten(0, 1), seq[:, P:].repeat(8, 1)
     answer = torch.zeros_like(y, dtype=torch.bool)
     answer[:, L // 2:] = True  # an "answer span": the second half of the response
@@ -246,16 +248,16 @@ def test_dopsd_is_step_level_and_gated_by_weight():
     seq, attn, states = rollout(model, steps=4)
     B = seq.shape[0]
     for select in ("student", "teacher"):
-        loss, st = copsd.dopsd_loss(model, seq, attn, P, M, None, states, select=select,
+        loss, st = copsd.dopsd_loss(model, Rollout(seq, attn, P, states), M, select=select,
                                     generator=torch.Generator().manual_seed(0))
         # every step supervises as many positions as it decoded: the whole response over the trajectory
         assert st["n_tokens"] == B * L and st["steps"] == 4 and torch.isfinite(loss) and loss > 0
-    loss, st = copsd.dopsd_loss(model, seq, attn, P, M, None, states, n_steps=1)
+    loss, st = copsd.dopsd_loss(model, Rollout(seq, attn, P, states), M, n_steps=1)
     assert st["n_tokens"] == B * L // 4  # one step: its 2 tokens per row
-    zero, _ = copsd.dopsd_loss(model, seq, attn, P, M, None, states, weight=torch.zeros(B))
+    zero, _ = copsd.dopsd_loss(model, Rollout(seq, attn, P, states), M, weight=torch.zeros(B))
     assert zero == 0  # only correct generations train (the weight gates the rest)
     with pytest.raises(ValueError):
-        copsd.dopsd_loss(model, seq, attn, P, M, None, states, select="random")
+        copsd.dopsd_loss(model, Rollout(seq, attn, P, states), M, select="random")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +276,7 @@ def test_opdlm_teacher_is_causal_and_frozen():
     seq, attn, states = rollout(student)
     for n_states in (1, None):
         student.zero_grad(), teacher.zero_grad()
-        loss, st = copsd.opdlm_loss(student, teacher, seq, attn, P, M, states, n_states=n_states,
+        loss, st = copsd.opdlm_loss(student, Rollout(seq, attn, P, states), M, teacher, n_states=n_states,
                                     generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(loss) and loss > 0 and st["n_tokens"] > 0
         loss.backward()
@@ -282,7 +284,7 @@ def test_opdlm_teacher_is_causal_and_frozen():
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
         assert student.transformer.wte.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError):  # a bidirectional "teacher" is not the AR model
-        copsd.opdlm_loss(student, student, seq, attn, P, M, states)
+        copsd.opdlm_loss(student, Rollout(seq, attn, P, states), M, student)
 
 
 class Fixed(nn.Module):
@@ -303,17 +305,17 @@ def test_opdlm_targets_are_the_teachers_next_token_logits():
     with torch.no_grad():
         shifted = teacher(seq, attn, start=P - 1)[:, :L]  # output at j-1 predicts response token j
         same = teacher(seq, attn, start=P)  # output at j (predicts token j+1)
-    loss, _ = copsd.opdlm_loss(Fixed(shifted), teacher, seq, attn, P, M, states, **kw)
+    loss, _ = copsd.opdlm_loss(Fixed(shifted), Rollout(seq, attn, P, states), M, teacher, **kw)
     assert loss.abs() < 1e-5
-    loss, _ = copsd.opdlm_loss(Fixed(same), teacher, seq, attn, P, M, states, **kw)
+    loss, _ = copsd.opdlm_loss(Fixed(same), Rollout(seq, attn, P, states), M, teacher, **kw)
     assert loss > 1e-2
     # causal: the target of token j never sees token j or later, so the last token changes nothing ...
     last = seq.clone()
     last[:, -1] = (last[:, -1] + 1) % V
-    loss, _ = copsd.opdlm_loss(Fixed(shifted), teacher, last, attn, P, M, states, **kw)
+    loss, _ = copsd.opdlm_loss(Fixed(shifted), Rollout(last, attn, P, states), M, teacher, **kw)
     assert loss.abs() < 1e-5
     # ... while the first response token is the context of every later target
     first = seq.clone()
     first[:, P] = (first[:, P] + 1) % V
-    loss, _ = copsd.opdlm_loss(Fixed(shifted), teacher, first, attn, P, M, states, **kw)
+    loss, _ = copsd.opdlm_loss(Fixed(shifted), Rollout(first, attn, P, states), M, teacher, **kw)
     assert loss > 1e-4

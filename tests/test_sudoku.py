@@ -47,7 +47,7 @@ def count_solutions(puzzle):
 
 
 def test_all_grids():
-    g = sudoku.all_grids()
+    g = sudoku.grids()
     assert g.shape == (288, 16)
     assert len({tuple(r) for r in g}) == 288
     assert all(valid_grid(r) for r in g)
@@ -89,7 +89,7 @@ def test_encode_prompt_names_each_cell():
 
 
 def test_score():
-    sol = sudoku.GRIDS[0]
+    sol = sudoku.grids()[0]
     puzzle = sol.copy()
     puzzle[[0, 5, 10, 15, 3]] = 0  # 5 blanks
     P, S = puzzle[None], sol[None]
@@ -103,7 +103,7 @@ def test_score():
     filled[0, 1] = sol[1] % 4 + 1
     assert sudoku.score(filled, P, S) == dict(cell_acc=1.0, solved=1.0)
     # pooled over blank cells of all puzzles; solved = fraction of puzzles
-    sol2 = sudoku.GRIDS[100]
+    sol2 = sudoku.grids()[100]
     p2 = np.where(np.arange(16) < 12, 0, sol2)  # 12 blanks
     f2 = sol2.copy()
     f2[[0, 1, 2]] = 0  # 3 wrong (a non-digit is wrong)
@@ -136,11 +136,16 @@ def test_parse_puzzle_errors(text, words):
         assert w in msg, msg
 
 
+def parse(argv):
+    return sudoku.parse_config(sudoku.Config, argv)
+
+
 def test_config_every_field_is_a_flag():
-    cfg = sudoku.parse_args([])
-    assert cfg == sudoku.Config()
-    cfg = sudoku.parse_args(["--K", "7", "--s", "0.3", "--keep_z", "--methods", "base,copsd"])
-    assert (cfg.K, cfg.s, cfg.keep_z, cfg.methods) == (7, 0.3, True, "base,copsd")
+    assert parse([]) == sudoku.Config()
+    cfg = parse(["--K", "7", "--s", "0.3", "--keep_z", "--methods", "base,copsd", "--no-group_norm",
+                 "--tokens_per_step", "1,16"])
+    assert (cfg.K, cfg.s, cfg.keep_z, cfg.methods) == (7, 0.3, True, ("base", "copsd"))
+    assert cfg.group_norm is False and cfg.tokens_per_step == (1, 16)
 
 
 def run_cli(*args, timeout=240):
@@ -148,11 +153,25 @@ def run_cli(*args, timeout=240):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_help_lists_every_field():
+def test_help_explains_every_flag():
     r = run_cli("--help", timeout=120)
     assert r.returncode == 0
+    help_text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert "python sudoku.py --ablations" in help_text  # the commands a user runs first
     for f in dataclasses.fields(sudoku.Config):
-        assert f"--{f.name}" in r.stdout, f.name
+        assert f.metadata["help"].strip(), f.name
+        assert f"--{f.name}" in help_text, f.name
+    for m in ("base",) + sudoku.METHODS:
+        assert m in help_text, m
+
+
+@pytest.mark.parametrize("args,choice", [(["--methods", "base,copsed"], "copsed"),
+                                         (["--tokens_per_step", "1,x"], "1,x")])
+def test_typo_is_a_one_line_argparse_error(args, choice):
+    r = run_cli(*args, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    assert choice in err and err.startswith("sudoku.py: error: argument")
 
 
 ROWS = ["Base", "Base-Self", "COPSD"]

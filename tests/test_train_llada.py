@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 import torch
@@ -66,11 +67,26 @@ def weights(hf_dir):
     return out
 
 
-def run(args, nproc=1, check=True):
+# a kill in the middle of a step: the script, with the optimiser's step number `crash` replaced
+# by an immediate exit (after that step's backward passes, before its update)
+KILLED = """
+import os, sys, torch, train_llada
+step, calls = torch.optim.AdamW.step, [0]
+def killed(self, *a, **k):
+    calls[0] += 1
+    if calls[0] == {crash}:
+        os._exit(3)
+    return step(self, *a, **k)
+torch.optim.AdamW.step = killed
+sys.exit(train_llada.main(sys.argv[1:]))
+"""
+
+
+def run(args, nproc=1, check=True, crash=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [])
-    p = subprocess.run(cmd + [os.path.join(ROOT, "train_llada.py")] + args, env=env, capture_output=True, text=True,
-                       timeout=600)
+    script = [os.path.join(ROOT, "train_llada.py")] if crash is None else ["-c", KILLED.format(crash=crash)]
+    p = subprocess.run(cmd + script + args, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
@@ -137,7 +153,7 @@ def test_resume_after_kill_is_bit_exact(one_process, tiny_dir, tmp_path):
     out1, _ = one_process
     out = str(tmp_path / "killed")
     # killed in step 4's update; its last checkpoint (after step 2) is mid-rollout-window (steps 1-3)
-    p = run(FLAGS + ["--model_dir", tiny_dir, "--out", out, "--crash_at_step", "3", "--skip_eval"], check=False)
+    p = run(FLAGS + ["--model_dir", tiny_dir, "--out", out, "--skip_eval"], check=False, crash=4)
     assert p.returncode == 3, p.stderr[-2000:]
     assert os.path.basename(latest(out)) == "step-000002"
     assert os.path.isfile(os.path.join(latest(out), "rollout-rank0.safetensors"))
@@ -209,6 +225,49 @@ def test_missing_files(tiny_dir, tmp_path, capsys):
 
 def test_bad_flags(tiny_dir, capsys):
     assert "does not divide --block_length" in error_of(capsys, "--model_dir", tiny_dir, "--eval_tokens_per_step", "3")
-    assert "not implemented yet" in error_of(capsys, "--model_dir", tiny_dir, "--method", "opdlm")
     assert "--prompts_per_step" in error_of(capsys, "--model_dir", tiny_dir, "--prompts_per_step", "3",
                                             "--micro_batch", "2")
+
+
+def test_method_choices_are_the_methods_that_run(capsys):
+    """--method offers exactly what runs: opdlm (no causal teacher of LLaDA's shape) is refused by
+    argparse, naming the choices."""
+    with pytest.raises(SystemExit):
+        T.main(["--method", "opdlm"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'opdlm'" in err and all(m in err for m in T.METHODS)
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        T.main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "torchrun --nproc_per_node=4 train_llada.py" in out
+    for f in fields(T.TrainConfig):
+        assert f.metadata["help"].strip() and f"--{f.name}" in out, f.name
+    for m in T.METHODS:
+        assert m in out
+    with pytest.raises(SystemExit):
+        T.main(["--remasking", "topk"])
+    assert "invalid choice: 'topk'" in capsys.readouterr().err
+
+
+def test_bench_rates_are_consistent_with_their_times(tiny_dir, tmp_path, capsys):
+    """--bench with default flags (--resample_every 0): every measured step samples, so every
+    rate is finite and is the phase's tokens per step over its printed time."""
+    args = ["--random_init", "--config", tiny_dir, "--device", "cpu", "--bench", "--steps", "3",
+            "--prompts_per_step", "2", "--K", "2", "--gen_length", "32", "--block_length", "32",
+            "--bench_prompt_len", "16", "--micro_batch", "1", "--out", str(tmp_path)]
+    assert T.main(args) == 0
+    table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ") and "phase" not in line]
+    rows = {name.strip(): [float(v) for v in vals] for name, *vals in table}
+    tokens = {"sampling (generated tokens)": 2 * 2 * 32, "update (rows x (P+L) tokens)": 2 * 2 * 48,
+              "step": 2 * 2 * 32}
+    assert set(rows) == set(tokens)
+    for name, (secs, rate, tflops, mfu) in rows.items():
+        assert 0 < secs < 60 and 0 < rate < 1e9 and tflops >= 0
+        assert rate * secs == pytest.approx(tokens[name], rel=0.02), name
+    assert rows["step"][0] == pytest.approx(rows["sampling (generated tokens)"][0]
+                                            + rows["update (rows x (P+L) tokens)"][0], rel=0.02)
