@@ -147,6 +147,13 @@ def num_transfer_tokens(n_masked, steps):
     return base[:, None] + (torch.arange(steps, device=n_masked.device) < rem[:, None]).long()
 
 
+def unconditional(x, P, mask_id):
+    """x with its prompt masked: classifier-free guidance's unconditional input."""
+    out = x.clone()
+    out[:, :P] = mask_id
+    return out
+
+
 def top_k_mask(scores, k):
     """Bool mask of each row's k[row] highest scores (batched: the top max(k), each row keeping
     its first k[row])."""
@@ -157,16 +164,32 @@ def top_k_mask(scores, k):
 
 @torch.no_grad()
 def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=32, steps=128,
-             temperature=0.0, remasking="low_confidence", generator=None, record=False):
+             temperature=0.0, remasking="low_confidence", generator=None, record=False,
+             cache="none", threshold=None, cfg_scale=0.0, logits_eos_inf=False,
+             confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
+             confidence_dtype=torch.float64, stats=None):
     """LLaDA's sampler: the reverse process of Eq. 1, n = block_length / steps-per-block tokens
     per step ("# Tokens" in Table 1).
 
     Start from an all-M response; decode it block by block, left to right, steps / n_blocks steps
-    each. A step predicts the block (argmax, or Gumbel-max at temperature τ), scores its masked
-    positions by the probability of their prediction (`low_confidence`) or at random (`random`),
-    and unmasks the top k. prompt (B, P) left-padded, prompt_attn (B, P) False at padding (or
-    None). Returns seq (B, P + gen_length); with record=True also the trajectory
-    (B, steps + 1, P + gen_length): the all-M start and the state after every step."""
+    each. A step predicts the masked positions (argmax, or Gumbel-max at temperature τ), scores
+    them by the probability of their prediction (`low_confidence`) or at random (`random`), and
+    unmasks the top k, k spreading the block's masked count evenly over its steps. As LLaDA's
+    generate, the candidates are the block's masked positions and any left masked before it
+    (where the model predicted M itself). prompt (B, P) left-padded, prompt_attn (B, P) False at
+    padding (or None). Returns seq (B, P + gen_length); with record=True also the trajectory
+    (B, T + 1, P + gen_length): the all-M start and the state after each of the T steps.
+
+    Faster, approximate decoding (Fast-dLLM): cache="prefix" or "dual" keeps every layer's K/V
+    from a full forward at each block's first step; the block's other steps recompute only the
+    block and what follows it (prefix) or the block alone (dual), attending to the cached rest.
+    threshold: a step unmasks every candidate whose confidence is >= threshold, at least the
+    most confident one, until the block is done (then `steps` is only the block count's
+    multiple). LLaDA's options: cfg_scale (classifier-free guidance against the prompt masked),
+    logits_eos_inf (never predict EOS), confidence_eos_eot_inf (EOS and EOT predictions rank
+    last; LLaDA's code does this to EOT only at temperature > 0). confidence_dtype: the
+    softmax's precision (LLaDA's code ranks a bf16 softmax, with ties; float64 has none).
+    stats, a dict, receives "forwards": the model calls of each block."""
     if gen_length % block_length:
         raise ValueError(f"gen_length={gen_length} is not a multiple of "
                          f"block_length={block_length}")
@@ -176,27 +199,65 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
                          f"({n_blocks})")
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be 'low_confidence' or 'random', not {remasking!r}")
+    if cache not in ("none", "prefix", "dual"):
+        raise ValueError(f"cache must be 'none', 'prefix' or 'dual', not {cache!r}")
     B, P = prompt.shape
+    S = P + gen_length
     x = torch.cat([prompt, prompt.new_full((B, gen_length), mask_id)], 1)
     attn = with_response(prompt_attn, gen_length)
-    states = [x.clone()] if record else None
+    if cfg_scale > 0:  # the unconditional rows: the same sequences with the prompt masked
+        attn = stacked(attn, 2)
+    states, forwards = [x.clone()] if record else None, []
     for b in range(n_blocks):
         lo, hi = P + b * block_length, P + (b + 1) * block_length
-        k_per_step = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(1), steps // n_blocks)
-        for k in k_per_step.T:
-            block = x[:, lo:hi]
-            logits = model(x, attn, start=lo, end=hi)  # this block's logits only
+        schedule = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(1), steps // n_blocks)
+        kv = None if cache == "none" else {}
+        i = 0
+        while (i < schedule.shape[1] if threshold is None else
+               i < block_length and (x[:, lo:hi] == mask_id).any()):
+            full = cache == "none" or i == 0  # the cache's forward, or no cache
+            w_lo, w_hi = (0, S) if full else (lo, S if cache == "prefix" else hi)
+            c_lo = P if full and (x[:, P:lo] == mask_id).any() else lo  # the candidates' span
+            inp = x if cfg_scale == 0 else torch.cat([x, unconditional(x, P, mask_id)])
+            kw = {} if kv is None else dict(cache=kv, pos=w_lo)
+            logits = model(inp[:, w_lo:w_hi], attn, start=c_lo - w_lo, end=hi - w_lo, **kw)
+            if cfg_scale > 0:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            if logits_eos_inf:
+                logits[..., eos_id] = -torch.inf
             x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)
+            span = x[:, c_lo:hi]
             if remasking == "low_confidence":
-                conf = pick(F.softmax(logits.double(), -1), x0)
+                if confidence_eos_eot_inf:
+                    logits = logits.index_fill(-1, torch.tensor([eos_id, eot_id],
+                                                                device=x.device), -torch.inf)
+                conf = pick(F.softmax(logits.to(confidence_dtype), -1), x0)
             else:
-                conf = torch.rand(block.shape, generator=generator, device=x.device,
+                conf = torch.rand(span.shape, generator=generator, device=x.device,
                                   dtype=torch.float64)
-            conf = conf.masked_fill(block != mask_id, -torch.inf)
-            x[:, lo:hi] = torch.where(top_k_mask(conf, k), x0, block)
+            masked = span == mask_id
+            conf = conf.masked_fill(~masked, -torch.inf)
+            if threshold is None:
+                transfer = top_k_mask(conf, schedule[:, i])
+            else:  # everything confident enough, and at least the most confident position
+                transfer = top_k_mask(conf, torch.ones_like(schedule[:, 0])) | (conf >= threshold)
+            x[:, c_lo:hi] = torch.where(transfer & masked, x0, span)
+            i += 1
             if record:
                 states.append(x.clone())
+        forwards.append(i)
+    if stats is not None:
+        stats["forwards"] = forwards
     return (x, torch.stack(states, 1)) if record else x
+
+
+def tokens_per_forward(states, mask_id):
+    """TPF of a decoding trajectory (B, T + 1, S): the tokens each row decoded over the model
+    calls it needed (a row whose response is complete needs no more), summed over rows."""
+    masked = (states == mask_id).sum(-1)  # (B, T + 1)
+    busy = (masked[:, :-1] > 0).sum()
+    return float((masked[:, 0] - masked[:, -1]).sum() / busy.clamp(min=1))
 
 
 def rollout(model, prompt, prompt_attn, mask_id, K=1, record=False, **sampler):

@@ -95,13 +95,13 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
-def rotary(seq_len, head_dim, theta, device):
-    """cos, sin of positions 0..seq_len-1, (seq_len, head_dim), in the rotate-half layout LLaDA
-    uses. Always float32, as LLaDA computes them: the angle is position x frequency, and bf16
-    (8 significant bits) cannot even tell position 1000 from 1004."""
+def rotary(start, end, head_dim, theta, device):
+    """cos, sin of positions start..end-1, (end - start, head_dim), in the rotate-half layout
+    LLaDA uses. Always float32, as LLaDA computes them: the angle is position x frequency, and
+    bf16 (8 significant bits) cannot even tell position 1000 from 1004."""
     even = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
     inv_freq = 1.0 / theta ** (even / head_dim)
-    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+    pos = torch.arange(start, end, device=device, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -128,12 +128,22 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, kv=None, pos=0):
+        """x: the hidden states of positions pos..pos+W-1. kv: this layer's cache, a list: empty
+        on a full forward (pos 0), which fills it with [keys, values] of the whole sequence;
+        later calls write their window's keys and values into it in place and attend to all of
+        it (the rest of the sequence as it was cached)."""
         h = self.attn_norm(x)
         q = rearrange(self.q_proj(h), "b s (h d) -> b h s d", h=self.n_heads)
         k = rearrange(self.k_proj(h), "b s (h d) -> b h s d", h=self.n_kv_heads)
         v = rearrange(self.v_proj(h), "b s (h d) -> b h s d", h=self.n_kv_heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None and not kv:  # a full forward: cache the whole sequence
+            kv += [k, v]
+        elif kv is not None:  # a window: refresh its part of the cache, attend to all of it
+            W = k.shape[2]
+            kv[0][:, :, pos:pos + W], kv[1][:, :, pos:pos + W] = k, v
+            k, v = kv
         # no causal mask: every position sees every (non-padding) position; the AR teacher's
         # causal mask, if any, is already folded into attn_mask by the caller
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
@@ -172,24 +182,33 @@ class LLaDA(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, attention_mask=None, start=0, end=None):
+    def forward(self, idx, attention_mask=None, start=0, end=None, cache=None, pos=0):
         """idx (B, S) token ids; attention_mask (B, S) bool, False at padding (keys are masked,
         so padding never influences a real position). Returns float32 logits (B, end - start, V)
-        for positions start..end-1 only: the sampler and the losses need the response's (or one
-        block's) logits, and the 126k-wide head is the largest matmul of LLaDA-8B."""
+        for idx's positions start..end-1 only: the sampler and the losses need the response's
+        (or one block's) logits, and the 126k-wide head is the largest matmul of LLaDA-8B.
+
+        The sampler's K/V cache: `cache`, a dict, is filled with every layer's keys and values by
+        a full forward (pos 0); a later call then gives idx = the tokens at positions
+        pos..pos+W-1 only, recomputes them, writes their keys and values into the cache and
+        attends to the whole cached sequence (attention_mask then covers all of it)."""
         B, S = idx.shape
         x = self.transformer.wte(idx)
-        cos, sin = rotary(S, self.cfg.head_dim, self.cfg.rope_theta, idx.device)
+        cos, sin = rotary(pos, pos + S, self.cfg.head_dim, self.cfg.rope_theta, idx.device)
         mask = None
         if attention_mask is not None:
-            mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, S): keys
+            mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, keys)
+        if cache is not None and (self.cfg.causal or (not cache and pos)):
+            raise ValueError("the K/V cache is for the bidirectional model, filled at pos 0")
         if self.cfg.causal:
             tri = torch.ones(S, S, dtype=torch.bool, device=idx.device).tril()
             # a left-padding query row would see no key at all (NaN): let every row see itself
             eye = torch.eye(S, dtype=torch.bool, device=idx.device)
             mask = tri if mask is None else (mask & tri) | eye
-        for block in self.transformer.blocks:
-            if self.activation_checkpointing and self.training:
+        for i, block in enumerate(self.transformer.blocks):
+            if cache is not None:
+                x = block(x, cos, sin, mask, cache.setdefault(i, []), pos)
+            elif self.activation_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask)

@@ -507,3 +507,155 @@ def test_copsd_sgd_step_lowers_larger_distance_tokens_more():
             order = a.argsort()
             assert (dl[order].diff() < 0).all(), (a, dl)  # larger A => larger decrease
             assert torch.equal(torch.sign(dl), -torch.sign(1 + a))
+
+
+# ----------------------------------------------------------------------------------------------
+# the sampler's options: K/V caches, confidence threshold, classifier-free guidance, parity
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_is_exact_when_keys_depend_only_on_tokens(cache):
+    """With one layer a position's keys and values depend on its token alone, so a cache of the
+    unchanged positions is exact: prefix and dual decode what no cache decodes, every block."""
+    m = tiny_model(seed=4, std=0.3, n_layers=1)
+    prompt, pattn, _ = padded_prompts([2, 5, 7, 7], seed=3)
+    kw = dict(gen_length=12, block_length=4, steps=6)
+    ref, ref_states = copsd.generate(m, prompt, pattn, MASK, record=True, **kw)
+    out, states = copsd.generate(m, prompt, pattn, MASK, record=True, cache=cache, **kw)
+    assert torch.equal(out, ref) and torch.equal(states, ref_states)
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_first_step_is_the_full_forward(cache):
+    """Deeper models: each block's first step is a full forward, so the first step decodes what
+    no cache decodes; the calls after it cover the block and what follows (prefix) or the block
+    alone (dual)."""
+    m = tiny_model(seed=4, std=0.3)
+    prompt, pattn, _ = padded_prompts([2, 5, 7], seed=3)
+    P, kw = prompt.shape[1], dict(gen_length=12, block_length=4, steps=6)
+    _, ref = copsd.generate(m, prompt, pattn, MASK, record=True, **kw)
+    spy = Spy(m)
+    _, states = copsd.generate(spy, prompt, pattn, MASK, record=True, cache=cache, **kw)
+    assert torch.equal(states[:, 1], ref[:, 1])
+    widths = [idx.shape[1] for idx, _, _ in spy.calls]
+    S = P + 12
+    if cache == "prefix":
+        assert widths == [S, S - P, S, S - P - 4, S, S - P - 8]
+    else:
+        assert widths == [S, 4] * 3
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_left_padded_batch_equals_each_row_alone(cache):
+    m = tiny_model(seed=4, std=0.3)
+    prompt, pattn, rows = padded_prompts([2, 5, 7, 7], seed=3)
+    P, kw = prompt.shape[1], dict(gen_length=12, block_length=4, steps=6, cache=cache)
+    out = copsd.generate(m, prompt, pattn, MASK, **kw)
+    for r, row in enumerate(rows):
+        alone = copsd.generate(m, row[None], None, MASK, **kw)
+        assert torch.equal(out[r, P - len(row):], alone[0]), f"row {r}"
+
+
+class Spy(nn.Module):
+    """Wraps a model; keeps each call's input and logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, idx, attention_mask=None, start=0, end=None, **kw):
+        out = self.model(idx, attention_mask, start=start, end=end, **kw)
+        self.calls.append((idx.clone(), start, out.clone()))
+        return out
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.9, 1.0])
+def test_threshold_unmasks_every_confident_token_and_at_least_one(threshold):
+    m = tiny_model(seed=4, std=0.3)
+    prompt, pattn, _ = padded_prompts([3, 5, 6], seed=1)
+    P, spy, stats = prompt.shape[1], Spy(m), {}
+    out, states = copsd.generate(spy, prompt, pattn, MASK, gen_length=8, block_length=4, steps=2,
+                                 threshold=threshold, record=True, stats=stats)
+    assert not (out == MASK).any() and len(spy.calls) == states.shape[1] - 1 == sum(stats["forwards"])
+    for (idx, start, logits), before, after in zip(spy.calls, states.unbind(1), states.unbind(1)[1:]):
+        lo = P + 4 * int((before[:, P:] == MASK).float().argmax(1).min() // 4)
+        conf = F.softmax(logits.double(), -1).max(-1).values  # (B, block)
+        masked, newly = before[:, lo:lo + 4] == MASK, (before != after)[:, lo:lo + 4]
+        assert not (before != after)[:, :lo].any() and not (before != after)[:, lo + 4:].any()
+        sure = masked & (conf >= threshold)
+        assert not (sure & ~newly).any()  # every confident token is decoded ...
+        best = conf.masked_fill(~masked, -1).argmax(1)
+        for r in range(len(out)):
+            if masked[r].any():  # ... and at least the most confident one
+                assert newly[r, best[r]] and set(newly[r].nonzero().flatten().tolist()) <= \
+                    set(sure[r].nonzero().flatten().tolist()) | {int(best[r])}
+    if threshold == 0.3:
+        assert sum(stats["forwards"]) < 8  # decoded faster than one token per step
+
+
+def test_cfg_scale():
+    """cfg_scale > 0 runs the model on [x; x with the prompt masked] and takes
+    uncond + (scale + 1) (cond - uncond); a model that ignores the prompt is not moved by it."""
+    m = tiny_model(seed=4, std=0.3)
+    prompt, pattn, _ = padded_prompts([3, 5, 6], seed=1)
+    P, kw = prompt.shape[1], dict(gen_length=8, block_length=4, steps=4)
+    plain = copsd.generate(m, prompt, pattn, MASK, **kw)
+    assert torch.equal(copsd.generate(m, prompt, pattn, MASK, cfg_scale=0.0, **kw), plain)
+    spy = Spy(m)
+    guided = copsd.generate(spy, prompt, pattn, MASK, cfg_scale=2.0, **kw)
+    for idx, _, _ in spy.calls:
+        assert len(idx) == 6 and torch.equal(idx[3:, P:], idx[:3, P:]) and (idx[3:, :P] == MASK).all()
+    assert not torch.equal(guided, plain)  # the prompt matters to this model
+    fixed = FixedLogits(torch.randn(3, P + 8, VOCAB, generator=gen(0)))  # ignores its input
+    assert torch.equal(copsd.generate(fixed, prompt, pattn, MASK, cfg_scale=2.0, **kw),
+                       copsd.generate(fixed, prompt, pattn, MASK, **kw))
+
+
+class PredictsMaskFirst(nn.Module):
+    """A model that, while the second block is all masked, predicts M (surely) at response
+    position 1: LLaDA's generate decodes M there, and decodes it again in the next block."""
+
+    def __init__(self, model, P, block_length, vocab):
+        super().__init__()
+        self.model, self.P, self.bl, self.V = model, P, block_length, vocab
+
+    def forward(self, idx, attention_mask=None, start=0, end=None, **kw):
+        logits = F.pad(self.model(idx, attention_mask), (0, MASK + 1 - self.V), value=-1e9)
+        early = (idx[:, self.P + self.bl:] == MASK).all(1)
+        logits[early, self.P + 1, MASK] = 1e9
+        return logits[:, start:end]
+
+
+def test_a_position_decoded_as_mask_is_decoded_again_as_llada_does():
+    m = tiny_model(seed=4, std=0.3)
+    prompt = torch.randint(0, VOCAB, (1, 5), generator=gen(2))
+    model = PredictsMaskFirst(m, 5, 4, VOCAB)
+    out, states = copsd.generate(model, prompt, None, MASK, gen_length=8, block_length=4, steps=4,
+                                 record=True)
+    assert (states[:, 2, 5 + 1] == MASK).all()  # block 0 left it masked ...
+    assert out[0, 5 + 1] != MASK  # ... block 1 decoded it
+    ref = llada_generate_reference(model, prompt, 4, 8, 4, MASK)
+    assert torch.equal(out, ref)
+
+
+def test_confidence_options():
+    m = tiny_model(seed=4, std=0.3)
+    prompt, pattn, _ = padded_prompts([3, 5, 6], seed=1)
+    P, kw = prompt.shape[1], dict(gen_length=8, block_length=8, steps=4)
+    ref = copsd.generate(m, prompt, pattn, MASK, **kw)
+    assert torch.equal(copsd.generate(m, prompt, pattn, MASK, confidence_dtype=torch.float32, **kw), ref)
+    eos, eot = ref[:, P:].flatten().bincount(minlength=VOCAB).topk(2).indices.tolist()  # frequent
+    never = copsd.generate(m, prompt, pattn, MASK, logits_eos_inf=True, eos_id=eos, **kw)
+    assert (ref[:, P:] == eos).any() and not (never[:, P:] == eos).any()
+    # confidence_eos_eot_inf: EOS and EOT predictions are still decoded, but after the others
+    spy = Spy(m)
+    out, states = copsd.generate(spy, prompt, pattn, MASK, confidence_eos_eot_inf=True, eos_id=eos,
+                                 eot_id=eot, record=True, **kw)
+    assert not torch.equal(out, ref) and ((out[:, P:] == eos) | (out[:, P:] == eot)).any()
+    for (_, _, logits), before, after in zip(spy.calls, states.unbind(1), states.unbind(1)[1:]):
+        pred = logits.argmax(-1)
+        special = (pred == eos) | (pred == eot)
+        decoded, left = (before != after)[:, P:], (after == MASK)[:, P:]
+        for r in range(len(out)):
+            if (decoded[r] & special[r]).any():  # a special token taken: nothing else was left
+                assert special[r][left[r]].all()

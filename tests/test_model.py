@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import model as M
+from model import LLaDA
 from conftest import MASK, VOCAB, tiny_config, tiny_model
 
 
@@ -370,3 +371,40 @@ def test_error_index_names_tensor_absent_from_shard(sharded):
     json.dump(index, open(index_path, "w"))
     msg = load_error(path)
     assert name in msg and shards[0] in msg
+
+
+# ----------------------------------------------------------------------------------------------
+# the sampler's K/V cache
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_kv_cache_shapes_and_exact_window_recompute(n_kv_heads):
+    """A full forward fills one (keys, values) pair per layer, (B, n_kv_heads, S, head_dim); a
+    window recomputed from that cache, with nothing changed, gives the full forward's logits
+    (positions, RoPE offsets and the in-place writes line up), with and without padding."""
+    torch.manual_seed(0)
+    m = LLaDA(tiny_config(n_kv_heads=n_kv_heads)).eval()
+    B, S = 3, 20
+    idx = torch.randint(0, VOCAB, (B, S))
+    attn = torch.ones(B, S, dtype=torch.bool)
+    attn[0, :4] = False
+    for mask in (None, attn):
+        cache = {}
+        with torch.no_grad():
+            full = m(idx, mask, cache=cache)
+            assert sorted(cache) == list(range(m.cfg.n_layers))
+            for k, v in cache.values():
+                assert k.shape == v.shape == (B, n_kv_heads, S, m.cfg.head_dim)
+            for lo, hi in [(8, 12), (8, S), (0, 5)]:
+                window = m(idx[:, lo:hi], mask, cache=cache, pos=lo)
+                torch.testing.assert_close(window, full[:, lo:hi], rtol=1e-5, atol=1e-5)
+            # a changed token changes the window's own keys in the cache, nothing else
+            before = [k.clone() for k, _ in cache.values()]
+            changed = idx.clone()
+            changed[:, 9] = (changed[:, 9] + 1) % VOCAB
+            m(changed[:, 8:12], mask, cache=cache, pos=8)
+            for (k, _), k0 in zip(cache.values(), before):
+                assert torch.equal(k[:, :, :8], k0[:, :, :8]) and torch.equal(k[:, :, 12:], k0[:, :, 12:])
+                assert not torch.equal(k[:, :, 9], k0[:, :, 9])
+    with pytest.raises(ValueError):
+        m(idx[:, 8:], cache={}, pos=8)  # a cache is filled by a full forward
