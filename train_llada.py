@@ -88,8 +88,23 @@ class TrainConfig(MethodConfig):
     block_length: int = flag(32, "tokens per block of the sampler")
     remasking: str = flag("low_confidence", "which masked positions a step decodes",
                           choices=("low_confidence", "random"))
+    rollout_cache: str = flag("dual", "K/V cache of training rollouts (Fast-dLLM; README: 5x "
+                                      "faster at 8B, the toy's accuracy unchanged)",
+                              choices=("none", "prefix", "dual"))
+    eval_cache: str = flag("none", "K/V cache in evaluation (none: exact, as the paper's Table 1)",
+                           choices=("none", "prefix", "dual"))
     eval_tokens_per_step: tuple = flag((2, 4, 8, 16), "tokens per step in evaluation (Table 1)")
+    eval_threshold: float = flag(0.0, "confidence-threshold decoding in evaluation (Fast-dLLM): "
+                                      "one column, with its tokens per forward; 0 = off")
     eval_batch: int = flag(16, "prompts per rank per forward in evaluation")
+    cfg_scale: float = flag(0.0, "classifier-free guidance against the prompt masked (LLaDA)")
+    logits_eos_inf: bool = flag(False, "never predict EOS (LLaDA's generate option)")
+    confidence_eos_eot_inf: bool = flag(False, "EOS and EOT predictions rank last (LLaDA's "
+                                                "generate option)")
+    eot_id: int = flag(126348, "the <|eot_id|> token's id (LLaDA-8B's)")
+    confidence_dtype: str = flag("float64", "precision of the confidence softmax (LLaDA's code: "
+                                            "the model's, bf16, with ties)",
+                                 choices=("float64", "float32", "bfloat16"))
     # optimisation
     steps: int = flag(100, "optimiser steps")
     prompts_per_step: int = flag(8, "prompts per optimiser step, over all ranks")
@@ -111,9 +126,12 @@ class TrainConfig(MethodConfig):
     max_shard_gb: float = flag(5.0, "largest safetensors shard of an export (GB)")
     # measurement
     peak_flops: float = flag(989e12, "peak FLOP/s per GPU for MFU (H100 SXM bf16 dense)")
+    peak_bandwidth: float = flag(3.35e12, "memory bandwidth per GPU, bytes/s (H100 SXM)")
     bench: bool = flag(False, "timings only (no checkpoints, no eval): every step samples; prints "
-                              "time, tokens/s and MFU per phase")
+                              "time, tokens/s and MFU per phase, then the sampler table")
     bench_prompt_len: int = flag(200, "--bench prompts are random tokens of this length")
+    bench_batches: tuple = flag((1, 8, 16), "--bench's sampler table: rows per generate call")
+    bench_sampler: bool = flag(True, "--bench: also time the sampler alone per cache and batch")
 
 
 def check(cfg, world):
@@ -138,6 +156,8 @@ def check(cfg, world):
         errors.append("--task gsm8k needs --data prompts.jsonl")
     if cfg.resume and cfg.eval_only:
         errors.append("--resume and --eval_only exclude each other")
+    if not 0 <= cfg.eval_threshold <= 1:
+        errors.append(f"--eval_threshold {cfg.eval_threshold}: a probability in (0, 1], or 0")
     if errors:
         raise SystemExit("error: " + "; ".join(errors))
 
@@ -394,12 +414,29 @@ def forward_flops(c, rows, q, kv=None, head=0):
                    + 2 * head * c.d_model * c.embedding_size)
 
 
-def sampler_flops(c, cfg, rows, P):
-    """A rollout of `rows` responses: every step recomputes the whole sequence, the head on the
-    current block."""
-    S = P + cfg.gen_length
-    steps = cfg.gen_length // cfg.train_tokens_per_step
-    return steps * forward_flops(c, rows, S, head=cfg.block_length)
+def sampler_flops(c, cfg, rows, P, forwards, cache):
+    """generate's model FLOPs for `rows` responses after a prompt of width P, `forwards` model
+    calls per block: each block's first call runs the whole sequence; with a cache the others
+    run the block and what follows it (prefix) or the block alone (dual), attending to all of
+    it. The head runs on the block. Classifier-free guidance doubles the rows."""
+    S, total = P + cfg.gen_length, 0
+    rows *= 2 if cfg.cfg_scale > 0 else 1
+    for b, n in enumerate(forwards):
+        window = dict(none=S, prefix=S - P - b * cfg.block_length, dual=cfg.block_length)[cache]
+        total += (forward_flops(c, rows, S, head=cfg.block_length)
+                  + (n - 1) * forward_flops(c, rows, window, S, head=cfg.block_length))
+    return total
+
+
+def sampler_bytes(c, rows, S, forwards, cache):
+    """The fewest bytes generate moves: every call reads the bf16 weights once (the embedding
+    only at its rows), and a cached call reads the K/V cache of all S positions."""
+    weights = 2 * (c.n_layers * (c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+                                 + c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size)
+                   + c.d_model * c.embedding_size)
+    kv = 2 * 2 * c.n_layers * rows * c.n_kv_heads * S * c.head_dim
+    n = sum(forwards)
+    return n * weights + (0 if cache == "none" else (n - len(forwards)) * kv)
 
 
 def update_flops(c, cfg, ro):
@@ -417,13 +454,23 @@ def update_flops(c, cfg, ro):
 # and the count its mean is over (so that micro-batches weigh as one big batch)
 
 
-def draw(model, batch, cfg, mcfg, g):
-    """The method's rollout (copsd.make_rollout) for one micro-batch, rows prompt-major."""
+def sampler(cfg, mcfg, tokens_per_step, cache, **kw):
+    """copsd.generate's options from the flags."""
+    return dict(gen_length=cfg.gen_length, block_length=cfg.block_length,
+                steps=cfg.gen_length // tokens_per_step, remasking=cfg.remasking, cache=cache,
+                cfg_scale=cfg.cfg_scale, logits_eos_inf=cfg.logits_eos_inf,
+                confidence_eos_eot_inf=cfg.confidence_eos_eot_inf, eos_id=mcfg.eos_token_id,
+                eot_id=cfg.eot_id, confidence_dtype=getattr(torch, cfg.confidence_dtype), **kw)
+
+
+def draw(model, batch, cfg, mcfg, g, stats):
+    """The method's rollout (copsd.make_rollout) for one micro-batch, rows prompt-major; stats
+    receives the sampler's model calls."""
     return copsd.make_rollout(
         cfg.method, model, batch["prompt"], batch["attn"], mcfg.mask_token_id, K=cfg.K,
-        answers=batch["answers"], generator=g, gen_length=cfg.gen_length,
-        block_length=cfg.block_length, steps=cfg.gen_length // cfg.train_tokens_per_step,
-        temperature=cfg.temperature, remasking=cfg.remasking, copsd_kw=cfg.copsd_kw())
+        answers=batch["answers"], generator=g, copsd_kw=cfg.copsd_kw(), stats=stats,
+        temperature=cfg.temperature,
+        **sampler(cfg, mcfg, cfg.train_tokens_per_step, cfg.rollout_cache))
 
 
 def loss_options(cfg):
@@ -448,21 +495,27 @@ def evaluate(model, mcfg, tok, rows, cfg, dev):
     eb = cfg.eval_batch
     per = -(-len(rows) // (world * eb)) * eb  # every rank runs as many batches (FSDP)
     mine = [rows[min(i, len(rows) - 1)] for i in range(rank * per, (rank + 1) * per)]
+    columns = ({f"τ={cfg.eval_threshold}": sampler(cfg, mcfg, cfg.block_length, cfg.eval_cache,
+                                                   threshold=cfg.eval_threshold)}
+               if cfg.eval_threshold else
+               {str(n): sampler(cfg, mcfg, n, cfg.eval_cache) for n in cfg.eval_tokens_per_step})
     model.eval()
     out = {}
     with gathered(model, not cfg.reshard_when_sampling):
-        for n in cfg.eval_tokens_per_step:
-            texts = []
+        for name, kw in columns.items():
+            texts, tpf = [], []
             for i in range(0, per, eb):
                 b = make_batch(mine[i:i + eb], mcfg, dev)
-                seq = copsd.generate(model, b["prompt"], b["attn"], mcfg.mask_token_id,
-                                     cfg.gen_length, cfg.block_length, cfg.gen_length // n,
-                                     remasking=cfg.remasking)
+                seq, states = copsd.generate(model, b["prompt"], b["attn"], mcfg.mask_token_id,
+                                             record=True, **kw)
                 texts += [response_text(tok, s.tolist(), mcfg)
                           for s in seq[:, b["prompt"].shape[1]:].cpu()]
+                tpf.append(copsd.tokens_per_forward(states, mcfg.mask_token_id))
             everyone = [None] * world
-            dist.all_gather_object(everyone, texts)
-            out[n] = score(cfg.task, [t for ts in everyone for t in ts][:len(rows)], rows)
+            dist.all_gather_object(everyone, (texts, tpf))
+            texts = [t for ts, _ in everyone for t in ts][:len(rows)]
+            out[name] = dict(score(cfg.task, texts, rows),
+                             tpf=float(np.mean([x for _, xs in everyone for x in xs])))
     return out
 
 
@@ -607,15 +660,20 @@ def micro_batches(rows, cfg, step):
 
 
 def sample(model, rows, cfg, mcfg, steps, dev):
-    """θ' = the current weights draw the rollouts of `steps`: {(step, j): Rollout}."""
+    """θ' = the current weights draw the rollouts of `steps`: {(step, j): Rollout}, and the
+    tokens generated and model FLOPs spent (SFT generates none)."""
     model.eval()
-    out = {}
+    out, tokens, flops = {}, 0, 0
     with gathered(model, not cfg.reshard_when_sampling):
         for s in steps:
             for j, (picked, mb) in enumerate(micro_batches(rows, cfg, s)):
-                g = generator(dev, cfg.seed, "rollout", s, mb)
-                out[(s, j)] = draw(model, make_batch(picked, mcfg, dev), cfg, mcfg, g)
-    return out
+                g, stats = generator(dev, cfg.seed, "rollout", s, mb), {}
+                ro = out[(s, j)] = draw(model, make_batch(picked, mcfg, dev), cfg, mcfg, g, stats)
+                if stats:
+                    tokens += len(ro) * cfg.gen_length
+                    flops += sampler_flops(mcfg, cfg, len(ro), ro.P, stats["forwards"],
+                                           cfg.rollout_cache)
+    return out, tokens, flops
 
 
 def train_step(model, opt, step, chunks, cfg, dev):
@@ -656,13 +714,10 @@ def train(cfg, model, mcfg, rows, opt, start, pending, dev, assets):
         t0 = time.perf_counter()
         rec = dict(step=step + 1, sample_s=None, sample_flops=0, gen_tokens=0)
         if step % window == 0:
-            pending = sample(model, rows, cfg, mcfg, range(step, min(step + window, cfg.steps)),
-                             dev)
+            pending, rec["gen_tokens"], rec["sample_flops"] = sample(
+                model, rows, cfg, mcfg, range(step, min(step + window, cfg.steps)), dev)
             sync(dev)
-            rec.update(sample_s=time.perf_counter() - t0,
-                       gen_tokens=sum(len(ro) for ro in pending.values()) * cfg.gen_length,
-                       sample_flops=sum(sampler_flops(mcfg, cfg, len(ro), ro.P)
-                                        for ro in pending.values()))
+            rec["sample_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         chunks = [(pending.pop((step, j)), mb)
                   for j, (_, mb) in enumerate(micro_batches(rows, cfg, step))]
@@ -709,7 +764,7 @@ def bench_table(records, cfg, dev):
     print("\n| phase | s/step | tokens/s | TFLOP/s per GPU | MFU % |\n|---|---|---|---|---|")
     for name, secs, tokens, flops in [("sampling (generated tokens)", t_s, gen, fl_s),
                                       ("update (rows x (P+L) tokens)", t_u, upd, fl_u),
-                                      ("step", t_s + t_u, gen, fl_s + fl_u)]:
+                                      ("step", t_s + t_u, gen or upd, fl_s + fl_u)]:
         if secs == 0 or tokens == 0:  # the phase did not run in the measured steps
             print(f"| {name} | — | — | — | — |")
             continue
@@ -717,6 +772,52 @@ def bench_table(records, cfg, dev):
         print(f"| {name} | {secs:.4g} | {tokens / secs:.4g} | {tf / 1e12:.4g} | "
               f"{100 * tf / cfg.peak_flops:.3g} |")
     print("peak GPU memory per rank (GiB): " + ", ".join(f"{m.item():.1f}" for m in mems))
+
+
+@torch.no_grad()
+def bench_sampler(model, mcfg, cfg, dev):
+    """The sampler alone, greedy on random prompts of --bench_prompt_len at
+    --train_tokens_per_step, for each cache (and dual with threshold 0.9) and batch: tokens/s,
+    tokens per forward, peak memory over the weights', and the floor: model FLOPs over
+    --peak_flops or bytes over --peak_bandwidth, whichever is larger."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    vocab, P = min(mcfg.vocab_size, mcfg.mask_token_id), cfg.bench_prompt_len
+    cuda = dev.type == "cuda"
+    n_blocks = cfg.gen_length // cfg.block_length
+    model.eval()
+    lines = []
+    with gathered(model, True):
+        for cache, threshold in [("none", None), ("prefix", None), ("dual", None), ("dual", 0.9)]:
+            kw = sampler(cfg, mcfg, cfg.train_tokens_per_step, cache, threshold=threshold)
+            warm = dict(kw, gen_length=cfg.block_length, steps=kw["steps"] // n_blocks)
+            copsd.generate(model, torch.randint(0, vocab, (1, P), generator=g).to(dev), None,
+                           mcfg.mask_token_id, **warm)
+            for B in cfg.bench_batches:
+                prompt, stats = torch.randint(0, vocab, (B, P), generator=g).to(dev), {}
+                sync(dev)
+                if cuda:
+                    base = torch.cuda.memory_allocated(dev)
+                    torch.cuda.reset_peak_memory_stats(dev)
+                t0 = time.perf_counter()
+                _, states = copsd.generate(model, prompt, None, mcfg.mask_token_id, record=True,
+                                           stats=stats, **kw)
+                sync(dev)
+                secs = time.perf_counter() - t0
+                peak = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30 if cuda else 0.0
+                fl = sampler_flops(mcfg, cfg, B, P, stats["forwards"], cache) / cfg.peak_flops
+                by = sampler_bytes(mcfg, B, P + cfg.gen_length, stats["forwards"], cache)
+                by /= cfg.peak_bandwidth
+                tpf = copsd.tokens_per_forward(states, mcfg.mask_token_id)
+                lines.append(f"| {cache} | {threshold or '—'} | {B} | "
+                             f"{B * cfg.gen_length / secs:.1f} | {tpf:.2f} | {secs:.3g} | "
+                             f"{max(fl, by):.3g} ({'FLOPs' if fl >= by else 'bytes'}) | "
+                             f"{secs / max(fl, by):.1f} | {peak:.2f} |")
+    if dist.get_rank() == 0:
+        print(f"\nsampler: prompt {P}, gen {cfg.gen_length}, block {cfg.block_length}, "
+              f"{cfg.train_tokens_per_step} tokens/step, greedy\n| cache | threshold | B | "
+              "tokens/s | TPF | s | floor s | measured / floor | peak GiB over weights |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -764,6 +865,8 @@ def run(cfg, dev, mesh):
     records = train(cfg, model, mcfg, train_rows, opt, start, pending, dev, assets)
     if cfg.bench:
         bench_table(records, cfg, dev)
+        if cfg.bench_sampler:
+            bench_sampler(model, mcfg, cfg, dev)
     elif not cfg.skip_eval and eval_rows:
         report(evaluate(model, mcfg, tok, eval_rows, cfg, dev), cfg,
                os.path.join(cfg.out, f"step-{cfg.steps:06d}"), cfg.steps)

@@ -253,16 +253,35 @@ def test_help_explains_every_flag(capsys):
     assert "invalid choice: 'topk'" in capsys.readouterr().err
 
 
+def tables(text):
+    """The markdown tables of `text`: a list of {first cell: [the other cells]}."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0].startswith("---"):
+            continue
+        if cells[0] in ("phase", "cache"):  # a header: a new table
+            out.append({})
+        elif len(out) == 1:  # the phase table, keyed by the phase
+            out[-1][cells[0]] = cells[1:]
+        else:  # the sampler table, keyed by cache, threshold and batch
+            out[-1][" ".join(cells[:3])] = cells[3:]
+    return out
+
+
 def test_bench_rates_are_consistent_with_their_times(tiny_dir, tmp_path, capsys):
     """--bench with default flags (--resample_every 0): every measured step samples, so every
-    rate is finite and is the phase's tokens per step over its printed time."""
+    rate is finite and is the phase's tokens per step over its printed time; the sampler table
+    likewise, for every cache and batch."""
     args = ["--random_init", "--config", tiny_dir, "--device", "cpu", "--bench", "--steps", "3",
-            "--prompts_per_step", "2", "--K", "2", "--gen_length", "32", "--block_length", "32",
-            "--bench_prompt_len", "16", "--micro_batch", "1", "--out", str(tmp_path)]
+            "--prompts_per_step", "2", "--K", "2", "--gen_length", "32", "--block_length", "16",
+            "--bench_prompt_len", "16", "--micro_batch", "1", "--bench_batches", "1,3",
+            "--out", str(tmp_path)]
     assert T.main(args) == 0
-    table = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
-             if line.startswith("| ") and "phase" not in line]
-    rows = {name.strip(): [float(v) for v in vals] for name, *vals in table}
+    phases, samplers = tables(capsys.readouterr().out)
+    rows = {name: [float(v) for v in vals] for name, vals in phases.items()}
     tokens = {"sampling (generated tokens)": 2 * 2 * 32, "update (rows x (P+L) tokens)": 2 * 2 * 48,
               "step": 2 * 2 * 32}
     assert set(rows) == set(tokens)
@@ -271,3 +290,9 @@ def test_bench_rates_are_consistent_with_their_times(tiny_dir, tmp_path, capsys)
         assert rate * secs == pytest.approx(tokens[name], rel=0.02), name
     assert rows["step"][0] == pytest.approx(rows["sampling (generated tokens)"][0]
                                             + rows["update (rows x (P+L) tokens)"][0], rel=0.02)
+    assert len(samplers) == 4 * 2  # none, prefix, dual, dual + threshold; B = 1, 3
+    for key, (rate, tpf, secs, floor, ratio, mem) in samplers.items():
+        B = int(key.split()[-1])
+        assert float(rate) * float(secs) == pytest.approx(B * 32, rel=0.02), key
+        assert float(tpf) == 2.0 if "—" in key else float(tpf) >= 1.0
+        assert float(floor.split()[0]) > 0 and float(ratio) > 0
