@@ -154,10 +154,10 @@ def unconditional(x, P, mask_id):
     return out
 
 
-def top_k_mask(scores, k):
-    """Bool mask of each row's k[row] highest scores (batched: the top max(k), each row keeping
-    its first k[row])."""
-    top = scores.topk(int(k.max()), dim=-1).indices
+def top_k_mask(scores, k, k_max=None):
+    """Bool mask of each row's k[row] highest scores (batched: the top k_max = max(k), each row
+    keeping its first k[row]). Giving k_max spares a device-to-host sync."""
+    top = scores.topk(int(k.max()) if k_max is None else k_max, dim=-1).indices
     keep = torch.arange(top.shape[-1], device=scores.device) < k[:, None]
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, keep)
 
@@ -167,7 +167,7 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
              temperature=0.0, remasking="low_confidence", generator=None, record=False,
              cache="none", threshold=None, cfg_scale=0.0, logits_eos_inf=False,
              confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
-             confidence_dtype=torch.float64, stats=None):
+             confidence_dtype=torch.float64, cuda_graph=False, stats=None):
     """LLaDA's sampler: the reverse process of Eq. 1, n = block_length / steps-per-block tokens
     per step ("# Tokens" in Table 1).
 
@@ -189,7 +189,9 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
     logits_eos_inf (never predict EOS), confidence_eos_eot_inf (EOS and EOT predictions rank
     last; LLaDA's code does this to EOT only at temperature > 0). confidence_dtype: the
     softmax's precision (LLaDA's code ranks a bf16 softmax, with ties; float64 has none).
-    stats, a dict, receives "forwards": the model calls of each block."""
+    cuda_graph: on a GPU, dual's block steps replay one captured CUDA graph (a small batch is
+    otherwise bound by the host launching each forward's kernels). stats, a dict, receives
+    "forwards": the model calls of each block."""
     if gen_length % block_length:
         raise ValueError(f"gen_length={gen_length} is not a multiple of "
                          f"block_length={block_length}")
@@ -208,19 +210,29 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
     if cfg_scale > 0:  # the unconditional rows: the same sequences with the prompt masked
         attn = stacked(attn, 2)
     states, forwards = [x.clone()] if record else None, []
+    kv, step = (None if cache == "none" else {}), None  # the K/V cache; dual's graphed step
     for b in range(n_blocks):
         lo, hi = P + b * block_length, P + (b + 1) * block_length
         schedule = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(1), steps // n_blocks)
-        kv = None if cache == "none" else {}
+        # what the steps need on the host, read once per block: in a step, no device sync lets
+        # the host queue the next forward while the device runs this one
+        k_max = schedule.max(0).values.tolist()
+        earlier = bool((x[:, P:lo] == mask_id).any())  # positions left masked before the block
         i = 0
-        while (i < schedule.shape[1] if threshold is None else
+        while (i < len(k_max) if threshold is None else
                i < block_length and (x[:, lo:hi] == mask_id).any()):
             full = cache == "none" or i == 0  # the cache's forward, or no cache
             w_lo, w_hi = (0, S) if full else (lo, S if cache == "prefix" else hi)
-            c_lo = P if full and (x[:, P:lo] == mask_id).any() else lo  # the candidates' span
+            c_lo = P if full and earlier else lo  # the candidates' span: c_lo..hi
             inp = x if cfg_scale == 0 else torch.cat([x, unconditional(x, P, mask_id)])
-            kw = {} if kv is None else dict(cache=kv, pos=w_lo)
-            logits = model(inp[:, w_lo:w_hi], attn, start=c_lo - w_lo, end=hi - w_lo, **kw)
+            if kv is None:
+                logits = model(inp, attn, start=c_lo, end=hi)
+            elif full or not cuda_graph or x.device.type != "cuda":
+                logits = model(inp[:, w_lo:w_hi], attn, start=c_lo - w_lo, end=hi - w_lo,
+                               cache=kv, pos=w_lo)
+            else:  # dual's window has one shape in every block: one CUDA graph replays them all
+                step = step or graphed(model, inp[:, lo:hi], attn, kv, lo)
+                logits = step(inp[:, lo:hi], lo)
             if cfg_scale > 0:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
@@ -239,9 +251,10 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
             masked = span == mask_id
             conf = conf.masked_fill(~masked, -torch.inf)
             if threshold is None:
-                transfer = top_k_mask(conf, schedule[:, i])
+                transfer = top_k_mask(conf, schedule[:, i], k_max[i])
             else:  # everything confident enough, and at least the most confident position
-                transfer = top_k_mask(conf, torch.ones_like(schedule[:, 0])) | (conf >= threshold)
+                best = top_k_mask(conf, torch.ones_like(schedule[:, 0]), 1)
+                transfer = best | (conf >= threshold)
             x[:, c_lo:hi] = torch.where(transfer & masked, x0, span)
             i += 1
             if record:
@@ -258,6 +271,29 @@ def tokens_per_forward(states, mask_id):
     masked = (states == mask_id).sum(-1)  # (B, T + 1)
     busy = (masked[:, :-1] > 0).sum()
     return float((masked[:, 0] - masked[:, -1]).sum() / busy.clamp(min=1))
+
+
+def graphed(model, inp, attn, kv, lo):
+    """model(window, attn, cache=kv, pos=its positions) captured as a CUDA graph: the returned
+    step(window, lo) copies the window's tokens and positions into the captured inputs and
+    replays the graph (its output tensor is overwritten by the next replay)."""
+    static_inp = inp.clone()
+    static_pos = torch.arange(lo, lo + inp.shape[1], device=inp.device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture wants one warm-up call off the default stream
+        model(static_inp, attn, cache=kv, pos=static_pos)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model(static_inp, attn, cache=kv, pos=static_pos)
+
+    def step(window, lo):
+        static_inp.copy_(window)
+        static_pos.copy_(torch.arange(lo, lo + window.shape[1], device=window.device))
+        graph.replay()
+        return out
+    return step
 
 
 def rollout(model, prompt, prompt_attn, mask_id, K=1, record=False, **sampler):

@@ -95,22 +95,21 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight
 
 
-def rotary(start, end, head_dim, theta, device):
-    """cos, sin of positions start..end-1, (end - start, head_dim), in the rotate-half layout
-    LLaDA uses. Always float32, as LLaDA computes them: the angle is position x frequency, and
-    bf16 (8 significant bits) cannot even tell position 1000 from 1004."""
-    even = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+def rotary(pos, head_dim, theta):
+    """cos, sin of the positions `pos` (S,), (S, head_dim), in the rotate-half layout LLaDA uses.
+    Always float32, as LLaDA computes them: the angle is position x frequency, and bf16 (8
+    significant bits) cannot even tell position 1000 from 1004."""
+    even = torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32)
     inv_freq = 1.0 / theta ** (even / head_dim)
-    pos = torch.arange(start, end, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)
+    freqs = torch.outer(pos.float(), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
 
 def apply_rotary(x, cos, sin):
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated * sin).type_as(x)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
 class Block(nn.Module):
@@ -128,21 +127,21 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, kv=None, pos=0):
-        """x: the hidden states of positions pos..pos+W-1. kv: this layer's cache, a list: empty
-        on a full forward (pos 0), which fills it with [keys, values] of the whole sequence;
-        later calls write their window's keys and values into it in place and attend to all of
-        it (the rest of the sequence as it was cached)."""
+    def forward(self, x, cos, sin, attn_mask, kv=None, pos=None):
+        """x: the hidden states of the positions `pos`. kv: this layer's cache, a list: the first
+        (full) forward fills it with [keys, values] of the whole sequence; later calls write
+        their positions' keys and values into it in place and attend to all of it (the rest of
+        the sequence as it was cached)."""
         h = self.attn_norm(x)
         q = rearrange(self.q_proj(h), "b s (h d) -> b h s d", h=self.n_heads)
         k = rearrange(self.k_proj(h), "b s (h d) -> b h s d", h=self.n_kv_heads)
         v = rearrange(self.v_proj(h), "b s (h d) -> b h s d", h=self.n_kv_heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is not None and not kv:  # a full forward: cache the whole sequence
+        if kv is not None and not kv:  # the first forward: cache the whole sequence
             kv += [k, v]
-        elif kv is not None:  # a window: refresh its part of the cache, attend to all of it
-            W = k.shape[2]
-            kv[0][:, :, pos:pos + W], kv[1][:, :, pos:pos + W] = k, v
+        elif kv is not None:  # refresh these positions of the cache, attend to all of it
+            kv[0].index_copy_(2, pos, k)
+            kv[1].index_copy_(2, pos, v)
             k, v = kv
         # no causal mask: every position sees every (non-padding) position; the AR teacher's
         # causal mask, if any, is already folded into attn_mask by the caller
@@ -182,24 +181,28 @@ class LLaDA(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, attention_mask=None, start=0, end=None, cache=None, pos=0):
+    def forward(self, idx, attention_mask=None, start=0, end=None, cache=None, pos=None):
         """idx (B, S) token ids; attention_mask (B, S) bool, False at padding (keys are masked,
         so padding never influences a real position). Returns float32 logits (B, end - start, V)
         for idx's positions start..end-1 only: the sampler and the losses need the response's
         (or one block's) logits, and the 126k-wide head is the largest matmul of LLaDA-8B.
 
         The sampler's K/V cache: `cache`, a dict, is filled with every layer's keys and values by
-        a full forward (pos 0); a later call then gives idx = the tokens at positions
-        pos..pos+W-1 only, recomputes them, writes their keys and values into the cache and
-        attends to the whole cached sequence (attention_mask then covers all of it)."""
+        a first, full forward; a later call gives idx = the tokens at the positions `pos` only
+        (a start int, or a (W,) tensor), recomputes them, writes their keys and values into the
+        cache in place and attends to the whole cached sequence (attention_mask covers all of
+        it). Positions as a tensor let one captured CUDA graph serve every block."""
         B, S = idx.shape
+        if cache is not None and (self.cfg.causal or (not cache and (torch.is_tensor(pos) or pos))):
+            raise ValueError("the K/V cache is the bidirectional model's, first filled by a full "
+                             "forward")
+        if pos is None or isinstance(pos, int):
+            pos = torch.arange(pos or 0, (pos or 0) + S, device=idx.device)
         x = self.transformer.wte(idx)
-        cos, sin = rotary(pos, pos + S, self.cfg.head_dim, self.cfg.rope_theta, idx.device)
+        cos, sin = rotary(pos, self.cfg.head_dim, self.cfg.rope_theta)
         mask = None
         if attention_mask is not None:
             mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, keys)
-        if cache is not None and (self.cfg.causal or (not cache and pos)):
-            raise ValueError("the K/V cache is for the bidirectional model, filled at pos 0")
         if self.cfg.causal:
             tri = torch.ones(S, S, dtype=torch.bool, device=idx.device).tril()
             # a left-padding query row would see no key at all (NaN): let every row see itself

@@ -102,6 +102,8 @@ class TrainConfig(MethodConfig):
     confidence_eos_eot_inf: bool = flag(False, "EOS and EOT predictions rank last (LLaDA's "
                                                 "generate option)")
     eot_id: int = flag(126348, "the <|eot_id|> token's id (LLaDA-8B's)")
+    cuda_graph: bool = flag(True, "dual cache on a GPU: the block's steps replay one captured "
+                                  "CUDA graph (the same tokens, less host overhead)")
     confidence_dtype: str = flag("float64", "precision of the confidence softmax (LLaDA's code: "
                                             "the model's, bf16, with ties)",
                                  choices=("float64", "float32", "bfloat16"))
@@ -460,7 +462,8 @@ def sampler(cfg, mcfg, tokens_per_step, cache, **kw):
                 steps=cfg.gen_length // tokens_per_step, remasking=cfg.remasking, cache=cache,
                 cfg_scale=cfg.cfg_scale, logits_eos_inf=cfg.logits_eos_inf,
                 confidence_eos_eot_inf=cfg.confidence_eos_eot_inf, eos_id=mcfg.eos_token_id,
-                eot_id=cfg.eot_id, confidence_dtype=getattr(torch, cfg.confidence_dtype), **kw)
+                eot_id=cfg.eot_id, confidence_dtype=getattr(torch, cfg.confidence_dtype),
+                cuda_graph=cfg.cuda_graph, **kw)
 
 
 def draw(model, batch, cfg, mcfg, g, stats):
@@ -777,9 +780,9 @@ def bench_table(records, cfg, dev):
 @torch.no_grad()
 def bench_sampler(model, mcfg, cfg, dev):
     """The sampler alone, greedy on random prompts of --bench_prompt_len at
-    --train_tokens_per_step, for each cache (and dual with threshold 0.9) and batch: tokens/s,
-    tokens per forward, peak memory over the weights', and the floor: model FLOPs over
-    --peak_flops or bytes over --peak_bandwidth, whichever is larger."""
+    --train_tokens_per_step, for each setting (cache, CUDA graph, threshold 0.9) and batch:
+    tokens/s, tokens per forward, peak memory over the weights', and the floor: model FLOPs
+    over --peak_flops or bytes over --peak_bandwidth, whichever is larger."""
     g = torch.Generator().manual_seed(cfg.seed)
     vocab, P = min(mcfg.vocab_size, mcfg.mask_token_id), cfg.bench_prompt_len
     cuda = dev.type == "cuda"
@@ -787,8 +790,11 @@ def bench_sampler(model, mcfg, cfg, dev):
     model.eval()
     lines = []
     with gathered(model, True):
-        for cache, threshold in [("none", None), ("prefix", None), ("dual", None), ("dual", 0.9)]:
+        for cache, graph, threshold in [("none", False, None), ("prefix", False, None),
+                                        ("dual", False, None), ("dual", True, None),
+                                        ("dual", True, 0.9)]:
             kw = sampler(cfg, mcfg, cfg.train_tokens_per_step, cache, threshold=threshold)
+            kw["cuda_graph"] = graph
             warm = dict(kw, gen_length=cfg.block_length, steps=kw["steps"] // n_blocks)
             copsd.generate(model, torch.randint(0, vocab, (1, P), generator=g).to(dev), None,
                            mcfg.mask_token_id, **warm)
@@ -808,15 +814,16 @@ def bench_sampler(model, mcfg, cfg, dev):
                 by = sampler_bytes(mcfg, B, P + cfg.gen_length, stats["forwards"], cache)
                 by /= cfg.peak_bandwidth
                 tpf = copsd.tokens_per_forward(states, mcfg.mask_token_id)
-                lines.append(f"| {cache} | {threshold or '—'} | {B} | "
+                lines.append(f"| {cache} | {'yes' if graph else 'no'} | {threshold or '—'} | "
+                             f"{B} | "
                              f"{B * cfg.gen_length / secs:.1f} | {tpf:.2f} | {secs:.3g} | "
                              f"{max(fl, by):.3g} ({'FLOPs' if fl >= by else 'bytes'}) | "
                              f"{secs / max(fl, by):.1f} | {peak:.2f} |")
     if dist.get_rank() == 0:
         print(f"\nsampler: prompt {P}, gen {cfg.gen_length}, block {cfg.block_length}, "
-              f"{cfg.train_tokens_per_step} tokens/step, greedy\n| cache | threshold | B | "
-              "tokens/s | TPF | s | floor s | measured / floor | peak GiB over weights |\n"
-              "|---|---|---|---|---|---|---|---|---|")
+              f"{cfg.train_tokens_per_step} tokens/step, greedy\n| cache | CUDA graph | threshold "
+              "| B | tokens/s | TPF | s | floor s | measured / floor | peak GiB over weights |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(lines))
 
 

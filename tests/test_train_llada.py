@@ -266,8 +266,8 @@ def tables(text):
             out.append({})
         elif len(out) == 1:  # the phase table, keyed by the phase
             out[-1][cells[0]] = cells[1:]
-        else:  # the sampler table, keyed by cache, threshold and batch
-            out[-1][" ".join(cells[:3])] = cells[3:]
+        else:  # the sampler table, keyed by cache, CUDA graph, threshold and batch
+            out[-1][" ".join(cells[:4])] = cells[4:]
     return out
 
 
@@ -290,7 +290,7 @@ def test_bench_rates_are_consistent_with_their_times(tiny_dir, tmp_path, capsys)
         assert rate * secs == pytest.approx(tokens[name], rel=0.02), name
     assert rows["step"][0] == pytest.approx(rows["sampling (generated tokens)"][0]
                                             + rows["update (rows x (P+L) tokens)"][0], rel=0.02)
-    assert len(samplers) == 4 * 2  # none, prefix, dual, dual + threshold; B = 1, 3
+    assert len(samplers) == 5 * 2  # none, prefix, dual, dual + graph (+ threshold); B = 1, 3
     for key, (rate, tpf, secs, floor, ratio, mem) in samplers.items():
         B = int(key.split()[-1])
         assert float(rate) * float(secs) == pytest.approx(B * 32, rel=0.02), key
