@@ -53,6 +53,8 @@ class Rollout:
     old_logp: torch.Tensor | None = None  # l' = log p_θ'(y | y_t)
     d: torch.Tensor | None = None  # (p̃_θ'(y | y_{t-s}) - p_θ'(y | y_t))^2
     A: torch.Tensor | None = None  # the normalised calibration term of Eq. 10
+    target_logp: torch.Tensor | None = None  # (N, L, V or k): the exact / later readings' target
+    target_idx: torch.Tensor | None = None  # (N, L, k): its token ids, when a top-k
 
     def __getitem__(self, rows):
         return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
@@ -310,84 +312,6 @@ def rollout(model, prompt, prompt_attn, mask_id, K=1, record=False, **sampler):
 # Sec. 4: COPSD
 
 
-@torch.no_grad()
-def calibration(model, ro, mask_t, mask_ts, mask_id, keep_z=False):
-    """Eq. 5's calibration term, with the old weights θ' (Eq. 7-9). For response k, position i
-    and its token y = y^{k,i}:
-
-        l'_{k,i} = log p_θ'(y | y_t)                       the ratio's denominator
-        d_{k,i}  = (p̃_θ'(y | y_{t-s}) - p_θ'(y | y_t))^2   b = -d: Eq. 5's term at value y
-
-    b is per token value: as a distance between whole distributions it would not depend on v,
-    Z would cancel and Eq. 5 would be p_θ itself. keep_z ("COPSD with Z", Table 4) also returns
-    log Z_i = log Σ_v p_θ'(v | y_t) exp(-(p̃(v) - p(v))^2). The two views run as one batch.
-    Returns (old_logp, d, log_z or None), each (N, L)."""
-    seq, P = ro.seq, ro.P
-    views = torch.cat([apply_mask(seq, P, mask_t, mask_id), apply_mask(seq, P, mask_ts, mask_id)])
-    logits = model(views, stacked(ro.attn, 2), start=P)
-    logp_t, logp_ts = rearrange(F.log_softmax(logits, -1), "(v n) l V -> v n l V", v=2)
-    old_logp = pick(logp_t, seq[:, P:])
-    d = (pick(logp_ts, seq[:, P:]).exp() - old_logp.exp()) ** 2
-    log_z = None
-    if keep_z:
-        log_z = torch.logsumexp(logp_t - (logp_ts.exp() - logp_t.exp()) ** 2, dim=-1)
-    return old_logp, d, log_z
-
-
-def group_normalize(b, K, eps=1e-6):
-    """Group relative normalisation, Eq. 10: A = (b - mean_k b) / (std_k b + eps) over the K
-    responses of one prompt at the same position (std unbiased, as GRPO implementations)."""
-    if K < 2:
-        raise ValueError("group normalisation needs K >= 2 responses per prompt "
-                         "(or no group normalisation)")
-    g = rearrange(b, "(p k) l -> p k l", k=K)
-    g = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)
-    return rearrange(g, "p k l -> (p k) l")
-
-
-@torch.no_grad()
-def copsd_rollout(model, prompt, prompt_attn, mask_id, *, K=4, t=0.9, s=0.5, random_s=False,
-                  keep_z=False, group_norm=True, generator=None, **sampler):
-    """COPSD's on-policy data (Eq. 7-10, Alg. 2 lines 2-4), drawn with the current weights θ'.
-
-    K responses per prompt at temperature τ > 0, one nested mask pattern (y_t, y_{t-s}) per
-    prompt shared by its K responses, and the θ' numbers cached: l', d and A. No copy of the
-    weights is kept; θ' lives on only through these numbers, as GRPO caches old log-probs.
-    random_s: COPSD-Random, s ~ U(0, t) per prompt; keep_z: A from d + log Z; group_norm=False:
-    A = d. Returns a Rollout."""
-    ro = rollout(model, prompt, prompt_attn, mask_id, K, generator=generator, **sampler)
-    B, L = prompt.shape[0], ro.seq.shape[1] - ro.P
-    if random_s:
-        s = t * torch.rand(B, generator=generator, device=prompt.device)
-    mask_t, mask_ts = nested_masks((B, L), t, s, generator=generator, device=prompt.device)
-    mask_t, mask_ts = per_prompt(mask_t, K), per_prompt(mask_ts, K)
-    old_logp, d, log_z = calibration(model, ro, mask_t, mask_ts, mask_id, keep_z)
-    b = d + log_z if keep_z else d
-    A = group_normalize(b, K) if group_norm else b
-    return replace(ro, mask_t=mask_t, mask_ts=mask_ts, old_logp=old_logp, d=d, A=A)
-
-
-def copsd_loss(model, ro, mask_id, generator=None):
-    """The COPSD loss, Eq. 11-12: with l = log p_θ(y^{k,i} | y_t^k) (with gradient) and
-    r = exp(l - l'), the mean of r (log r + A_{k,i}) over (prompt, k, i masked in y_{t-s}).
-    Z is dropped (Sec. 4.2). Only positions still masked in the later view carry a calibration
-    signal: there both views predict the token, one with more context. (No randomness: the
-    generator is unused.) Returns (loss, stats), stats["d"] the mean distance over the same
-    positions (Figure 2)."""
-    seq, P, m = ro.seq, ro.P, ro.mask_ts
-    logp = token_logprobs(model, apply_mask(seq, P, ro.mask_t, mask_id), ro.attn, P, seq[:, P:])
-    log_r = logp - ro.old_logp
-    n = m.sum().clamp(min=1)
-    loss = (log_r.exp() * (log_r + ro.A) * m).sum() / n
-    return loss, dict(d=((ro.d * m).sum() / n).item(), n_tokens=int(m.sum()))
-
-
-# ----------------------------------------------------------------------------------------------
-# Related methods (comparison rows): each one loss on the same model, sampler and Rollout as
-# COPSD. Where their papers are silent, the choice is a keyword argument (README: what each
-# source says).
-
-
 def kd_divergence(logp_s, logp_t, beta=0.0, top_k=None):
     """Generalised Jensen-Shannon divergence of student and teacher log-probs (..., V), summed
     over the vocabulary, float32: beta = 0 forward KL(teacher || student), beta = 1 reverse
@@ -409,6 +333,117 @@ def kd_divergence(logp_s, logp_t, beta=0.0, top_k=None):
     b = torch.tensor(beta, dtype=logp_s.dtype, device=logp_s.device)
     log_m = torch.logsumexp(torch.stack([logp_s + torch.log1p(-b), logp_t + torch.log(b)]), 0)
     return beta * kl(logp_t, log_m) + (1 - beta) * kl(logp_s, log_m)
+
+
+
+
+@torch.no_grad()
+def calibration(model, ro, mask_t, mask_ts, mask_id, keep_z=False, objective="paper",
+                top_k=None):
+    """Eq. 5's calibration term, with the old weights θ' (Eq. 7-9). For response k, position i
+    and its token y = y^{k,i}:
+
+        l'_{k,i} = log p_θ'(y | y_t)                       the ratio's denominator
+        d_{k,i}  = (p̃_θ'(y | y_{t-s}) - p_θ'(y | y_t))^2   b = -d: Eq. 5's term at value y
+
+    b is per token value: as a distance between whole distributions it would not depend on v,
+    Z would cancel and Eq. 5 would be p_θ itself. keep_z ("COPSD with Z", Table 4) also gives
+    log Z_i = log Σ_v p_θ'(v | y_t) exp(-(p̃(v) - p(v))^2). The readings that need whole
+    distributions cache one as target_logp (over the vocabulary, or its top_k, target_idx):
+    "exact" Eq. 5's calibrated q ∝ p_θ' exp(-d(v)), "later" the later view p̃. The two views
+    run as one batch. Returns a dict of (N, L) tensors (target_logp: (N, L, V or top_k))."""
+    seq, P = ro.seq, ro.P
+    views = torch.cat([apply_mask(seq, P, mask_t, mask_id), apply_mask(seq, P, mask_ts, mask_id)])
+    logits = model(views, stacked(ro.attn, 2), start=P)
+    logp_t, logp_ts = rearrange(F.log_softmax(logits, -1), "(v n) l V -> v n l V", v=2)
+    old_logp = pick(logp_t, seq[:, P:])
+    out = dict(old_logp=old_logp, d=(pick(logp_ts, seq[:, P:]).exp() - old_logp.exp()) ** 2)
+    if keep_z:
+        out["log_z"] = torch.logsumexp(logp_t - (logp_ts.exp() - logp_t.exp()) ** 2, dim=-1)
+    if objective in ("exact", "later"):
+        ranked = logp_t if objective == "exact" else logp_ts
+        idx = None if top_k is None else ranked.topk(top_k, dim=-1).indices
+        lp, lp_s = ((logp_t, logp_ts) if idx is None else
+                    (logp_t.gather(-1, idx), logp_ts.gather(-1, idx)))
+        target = lp - (lp_s.exp() - lp.exp()) ** 2 if objective == "exact" else lp_s
+        out.update(target_logp=F.log_softmax(target, -1), target_idx=idx)
+    return out
+
+
+def group_normalize(b, K, eps=1e-6):
+    """Group relative normalisation, Eq. 10: A = (b - mean_k b) / (std_k b + eps) over the K
+    responses of one prompt at the same position (std unbiased, as GRPO implementations)."""
+    if K < 2:
+        raise ValueError("group normalisation needs K >= 2 responses per prompt "
+                         "(or no group normalisation)")
+    g = rearrange(b, "(p k) l -> p k l", k=K)
+    g = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)
+    return rearrange(g, "p k l -> (p k) l")
+
+
+@torch.no_grad()
+def copsd_rollout(model, prompt, prompt_attn, mask_id, *, K=4, t=0.9, s=0.5, random_s=False,
+                  keep_z=False, group_norm=True, objective="paper", top_k=None, generator=None,
+                  **sampler):
+    """COPSD's on-policy data (Eq. 7-10, Alg. 2 lines 2-4), drawn with the current weights θ'.
+
+    K responses per prompt at temperature τ > 0, one nested mask pattern (y_t, y_{t-s}) per
+    prompt shared by its K responses, and the θ' numbers cached: l', d and A. No copy of the
+    weights is kept; θ' lives on only through these numbers, as GRPO caches old log-probs.
+    random_s: COPSD-Random, s ~ U(0, t) per prompt; keep_z: A from d + log Z; group_norm=False:
+    A = d; objective: the loss's reading (copsd_loss), whose target it caches. Returns a
+    Rollout."""
+    ro = rollout(model, prompt, prompt_attn, mask_id, K, generator=generator, **sampler)
+    B, L = prompt.shape[0], ro.seq.shape[1] - ro.P
+    if random_s:
+        s = t * torch.rand(B, generator=generator, device=prompt.device)
+    mask_t, mask_ts = nested_masks((B, L), t, s, generator=generator, device=prompt.device)
+    mask_t, mask_ts = per_prompt(mask_t, K), per_prompt(mask_ts, K)
+    cal = calibration(model, ro, mask_t, mask_ts, mask_id, keep_z, objective, top_k)
+    b = cal["d"] + cal.pop("log_z") if keep_z else cal["d"]
+    A = group_normalize(b, K) if group_norm else b
+    return replace(ro, mask_t=mask_t, mask_ts=mask_ts, A=A, **cal)
+
+
+def copsd_loss(model, ro, mask_id, objective="paper", direction="reverse", generator=None):
+    """The COPSD loss, Eq. 11-12, in one of four readings of Eq. 6, averaged over (prompt, k,
+    i masked in y_{t-s}): only there do both views predict the token, one with more context.
+    With l = log p_θ(y^{k,i} | y_t^k) (with gradient) and r = exp(l - l'):
+
+      paper   r (log r + A), through autograd: gradient r (1 + log r + A) ∇l. The "+1" has zero
+              mean only for tokens drawn from p_θ'(.|y_t); a decoded response's are not, so it
+              lowers the model's own tokens every step.
+      score   r (log r + A) - r: the same objective, its score-function gradient r (log r + A) ∇l.
+      exact   Eq. 6 over the vocabulary: KL(p_θ(.|y_t) || q), q ∝ p_θ' exp(-d(v)), d(v) =
+              (p̃(v) - p_θ'(v))^2 (= Σ_v p [log p - log p_θ' + d] + log Z). It lowers a token
+              the later view is surer of, unless it is already the likeliest.
+      later   Sec. 4.1's intuition taken directly: KL(p_θ(.|y_t) || p̃_θ'(.|y_{t-s})), or with
+              direction="forward" KL(p̃ || p_θ), distillation of the later view.
+
+    Z is dropped (Sec. 4.2). (No randomness: the generator is unused.) Returns (loss, stats),
+    stats["d"] the mean distance over the same positions (Figure 2)."""
+    seq, P, m = ro.seq, ro.P, ro.mask_ts
+    early = apply_mask(seq, P, ro.mask_t, mask_id)
+    if objective in ("paper", "score"):
+        log_r = token_logprobs(model, early, ro.attn, P, seq[:, P:]) - ro.old_logp
+        per_token = log_r.exp() * (log_r + ro.A) - (log_r.exp() if objective == "score" else 0)
+    elif objective in ("exact", "later"):
+        logp = F.log_softmax(model(early, ro.attn, start=P), -1)
+        if ro.target_idx is not None:  # the cached top-k: both renormalised over it
+            logp = F.log_softmax(logp.gather(-1, ro.target_idx), -1)
+        beta = 0.0 if objective == "later" and direction == "forward" else 1.0
+        per_token = kd_divergence(logp, ro.target_logp, beta)
+    else:
+        raise ValueError(f"objective must be paper, score, exact or later, not {objective!r}")
+    n = m.sum().clamp(min=1)
+    loss = (per_token * m).sum() / n
+    return loss, dict(d=((ro.d * m).sum() / n).item(), n_tokens=int(m.sum()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Related methods (comparison rows): each one loss on the same model, sampler and Rollout as
+# COPSD. Where their papers are silent, the choice is a keyword argument (README: what each
+# source says).
 
 
 def selfusion_direction(logp_hard, logp_easy, y, both_correct="easy"):

@@ -303,8 +303,9 @@ def test_calibration_matches_independent_computation(model):
     attn = torch.ones_like(seq, dtype=torch.bool)
     attn[0, :2] = False
     mask_t, mask_ts = copsd.nested_masks((B, L), 0.9, 0.5, generator=gen(1))
-    old_logp, d, log_z = copsd.calibration(model, Rollout(seq, attn, P), mask_t, mask_ts, MASK)
-    assert log_z is None
+    cal = copsd.calibration(model, Rollout(seq, attn, P), mask_t, mask_ts, MASK)
+    old_logp, d = cal["old_logp"], cal["d"]
+    assert "log_z" not in cal
     yt, yts = views(seq, P, mask_t, mask_ts)
     with torch.no_grad():
         p_t = F.softmax(model(yt, attn)[:, P:].double(), -1)
@@ -315,7 +316,7 @@ def test_calibration_matches_independent_computation(model):
     torch.testing.assert_close(d.double(), (pts_y - pt_y) ** 2, rtol=1e-4, atol=1e-7)
     assert old_logp.dtype == d.dtype == torch.float32
     assert (d > 0).any()
-    _, _, log_z = copsd.calibration(model, Rollout(seq, attn, P), mask_t, mask_ts, MASK, keep_z=True)
+    log_z = copsd.calibration(model, Rollout(seq, attn, P), mask_t, mask_ts, MASK, keep_z=True)["log_z"]
     ref = (p_t * torch.exp(-(p_ts - p_t) ** 2)).sum(-1).log()
     torch.testing.assert_close(log_z.double(), ref, rtol=1e-4, atol=1e-6)
 
@@ -346,7 +347,8 @@ def test_rollout_rows_are_prompt_major_and_share_masks():
         assert (ro.mask_ts[grp] == ro.mask_ts[p * K]).all()
         assert len({tuple(r.tolist()) for r in ro.seq[grp, P:]}) > 1  # temperature 1: diverse
     # the cached numbers are the old model's, on the rollout's own views
-    old_logp, d, _ = copsd.calibration(m, ro, ro.mask_t, ro.mask_ts, MASK)
+    cal = copsd.calibration(m, ro, ro.mask_t, ro.mask_ts, MASK)
+    old_logp, d = cal["old_logp"], cal["d"]
     torch.testing.assert_close(ro.old_logp, old_logp)
     torch.testing.assert_close(ro.d, d)
     torch.testing.assert_close(ro.A, copsd.group_normalize(d, K))
@@ -489,7 +491,7 @@ def test_copsd_sgd_step_lowers_larger_distance_tokens_more():
     mask_ts[:, 0], mask_t[:, 0] = True, True  # at least one position of each kind
     mask_ts[:, 1] = False
     fake = FixedLogits(torch.zeros(B * K, P + L, VOCAB))
-    old_logp, _, _ = copsd.calibration(fake, Rollout(seq, attn, P), mask_t, mask_ts, MASK)
+    old_logp = copsd.calibration(fake, Rollout(seq, attn, P), mask_t, mask_ts, MASK)["old_logp"]
     d = torch.rand(B * K, L, generator=gen(2)) ** 2  # distinct distances
     A = copsd.group_normalize(d, K)
     ro = Rollout(seq, attn, P, mask_t=mask_t, mask_ts=mask_ts, old_logp=old_logp, d=d, A=A)
@@ -659,3 +661,114 @@ def test_confidence_options():
         for r in range(len(out)):
             if (decoded[r] & special[r]).any():  # a special token taken: nothing else was left
                 assert special[r][left[r]].all()
+
+
+# ----------------------------------------------------------------------------------------------
+# the readings of Eq. 6 (copsd_loss's objective)
+
+
+class ViewDependent(nn.Module):
+    """A 'model' whose logits depend on how much of the response is revealed: a + b * (fraction
+    unmasked), so the later view y_{t-s} predicts differently from the early view y_t."""
+
+    def __init__(self, a, b, P):
+        super().__init__()
+        self.a, self.b, self.P = nn.Parameter(a), nn.Parameter(b), P
+
+    def forward(self, idx, attention_mask=None, start=0, end=None):
+        shown = (idx[:, self.P:] != MASK).float().mean(1)[:, None, None]
+        reps = len(idx) // len(self.a)  # calibration runs both views as one batch
+        return (self.a.repeat(reps, 1, 1) + self.b.repeat(reps, 1, 1) * shown)[:, start:end]
+
+
+def readings_rollout(objective, top_k=None, seed=0):
+    B, P, L = 4, 3, 6
+    g = gen(seed)
+    seq = torch.randint(0, VOCAB, (B, P + L), generator=g)
+    teacher = ViewDependent(torch.randn(B, P + L, VOCAB, generator=g),
+                            3 * torch.randn(B, P + L, VOCAB, generator=g), P)
+    mask_t, mask_ts = copsd.nested_masks((B, L), 0.9, 0.5, generator=g)
+    mask_t[:, :2], mask_ts[:, :2] = True, True  # positions masked in both views
+    mask_ts[:, 2:] = False
+    ro = Rollout(seq, None, P, mask_t=mask_t, mask_ts=mask_ts)
+    cal = copsd.calibration(teacher, ro, mask_t, mask_ts, MASK, objective=objective, top_k=top_k)
+    ro = dataclasses.replace(ro, A=copsd.group_normalize(cal["d"], 2), **cal)
+    with torch.no_grad():  # the teacher's two views, as calibration saw them
+        yt, yts = views(seq, P, mask_t, mask_ts)
+        logp_t = F.log_softmax(teacher(yt)[:, P:], -1)
+        logp_ts = F.log_softmax(teacher(yts)[:, P:], -1)
+    return ro, logp_t, logp_ts
+
+
+def student_grad(ro, logits_resp, objective, direction="reverse"):
+    """copsd_loss's value and gradient for a student whose response logits are `logits_resp`."""
+    full = torch.zeros(len(ro), ro.seq.shape[1], VOCAB)
+    full[:, ro.P:] = logits_resp
+    student = FixedLogits(full)
+    loss, _ = copsd.copsd_loss(student, ro, MASK, objective=objective, direction=direction)
+    loss.backward()
+    return loss.detach(), student.logits.grad[:, ro.P:]
+
+
+def test_score_and_paper_differ_by_the_plus_one_term():
+    """paper - score = mean r over the positions; so do their gradients: exactly the "+1"."""
+    ro, logp_t, _ = readings_rollout("paper")
+    moved = logp_t + 0.3 * torch.randn(logp_t.shape, generator=gen(5))  # r != 1
+    loss_p, grad_p = student_grad(ro, moved, "paper")
+    loss_s, grad_s = student_grad(ro, moved, "score")
+    m = ro.mask_ts
+    r = (copsd.pick(F.log_softmax(moved, -1), ro.seq[:, ro.P:]) - ro.old_logp).exp()
+    torch.testing.assert_close(loss_p - loss_s, (r * m).sum() / m.sum())
+    leaf = moved.clone().requires_grad_()
+    ((copsd.pick(F.log_softmax(leaf, -1), ro.seq[:, ro.P:]) - ro.old_logp).exp() * m).sum().div(m.sum()).backward()
+    torch.testing.assert_close(grad_p - grad_s, leaf.grad, rtol=1e-4, atol=1e-6)
+    assert leaf.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_exact_gradient_vanishes_at_the_calibrated_distribution(top_k):
+    """exact's gradient is zero where p = p' exp(-d) / Z (over the cached top-k, renormalised),
+    and not zero at p = p' (the calibration term moves it)."""
+    ro, logp_t, logp_ts = readings_rollout("exact", top_k)
+    d = (logp_ts.exp() - logp_t.exp()) ** 2
+    q = F.log_softmax(logp_t - d, -1)
+    assert (q - logp_t).abs().max() > 1e-3  # the target differs from p'
+    _, grad = student_grad(ro, q, "exact")
+    m = ro.mask_ts
+    assert grad[m].abs().max() < 1e-6 and (grad[~m] == 0).all()
+    _, grad = student_grad(ro, logp_t, "exact")
+    assert grad[m].abs().max() > 1e-4
+    loss, _ = student_grad(ro, logp_t, "exact")  # at p = p': Σ p d + log Z >= 0 ... = KL(p' || q)
+    assert loss > 0
+
+
+def test_later_reading_distills_the_later_view():
+    ro, logp_t, logp_ts = readings_rollout("later")
+    m = ro.mask_ts
+    _, grad = student_grad(ro, logp_ts, "later")  # p = p̃: nothing to move, either direction
+    assert grad[m].abs().max() < 1e-6
+    _, grad = student_grad(ro, logp_ts, "later", "forward")
+    assert grad[m].abs().max() < 1e-6
+    loss, _ = student_grad(ro, logp_t, "later", "forward")  # KL(p̃ || p') at the positions
+    ref = (logp_ts.exp() * (logp_ts - logp_t)).sum(-1)
+    torch.testing.assert_close(loss, (ref * m).sum() / m.sum(), rtol=1e-4, atol=1e-6)
+
+
+def test_readings_share_the_rollout():
+    """The four readings draw the same samples and masks and cache the same l' and d; only the
+    targets differ (none for paper / score)."""
+    m = tiny_model(seed=2)
+    prompt, pattn, _ = padded_prompts([3, 5], seed=4)
+    ros = {o: rollout(m, prompt, pattn, K=3, objective=o) for o in ("paper", "score", "exact", "later")}
+    for o, ro in ros.items():
+        for key in ("seq", "mask_t", "mask_ts", "old_logp", "d", "A"):
+            assert torch.equal(getattr(ro, key), getattr(ros["paper"], key)), (o, key)
+    assert ros["paper"].target_logp is None and ros["exact"].target_logp.shape[-1] == VOCAB
+    assert not torch.allclose(ros["exact"].target_logp, ros["later"].target_logp)
+    top = rollout(m, prompt, pattn, K=3, objective="later", top_k=4)
+    assert top.target_logp.shape[-1] == 4 and top.target_idx.shape == top.target_logp.shape
+    for o in ros:
+        loss, st = copsd.copsd_loss(m, ros[o], MASK, objective=o)
+        assert torch.isfinite(loss) and st["n_tokens"] == int(ros[o].mask_ts.sum())
+    with pytest.raises(ValueError):
+        copsd.copsd_loss(m, ros["paper"], MASK, objective="grpo")
