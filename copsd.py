@@ -114,14 +114,16 @@ def token_logprobs(model, seq, attn, P, y):
 # Eq. 2-4: the MDM / SFT loss, and naive self-distillation (Alg. 1)
 
 
-def mdm_loss(model, ro, mask_id, eps=1e-3, generator=None):
-    """LLaDA's MDM loss (Eq. 2-3): t ~ U(eps, 1) per row, each response token masked with
-    probability t, cross-entropy on the masked positions weighted by 1/t, averaged over the
-    response tokens. On ground truth it is SFT; on the model's own samples y ~ p_θ0(.|x) it is
-    naive self-distillation (Eq. 4, Alg. 1, "Base-Self"). Returns (loss, stats)."""
+def mdm_loss(model, ro, mask_id, eps=1e-3, generator=None, t=None):
+    """LLaDA's MDM loss (Eq. 2-3): t ~ U(eps, 1) per row (or the rows' given t), each response
+    token masked with probability t, cross-entropy on the masked positions weighted by 1/t,
+    averaged over the response tokens. On ground truth it is SFT; on the model's own samples
+    y ~ p_θ0(.|x) it is naive self-distillation (Eq. 4, Alg. 1, "Base-Self"). Returns
+    (loss, stats)."""
     seq, P = ro.seq, ro.P
     N, L = seq.shape[0], seq.shape[1] - P
-    t = (1 - eps) * torch.rand(N, generator=generator, device=seq.device) + eps
+    if t is None:
+        t = (1 - eps) * torch.rand(N, generator=generator, device=seq.device) + eps
     masked, _ = nested_masks((N, L), t, generator=generator, device=seq.device)
     logp = token_logprobs(model, apply_mask(seq, P, masked, mask_id), ro.attn, P, seq[:, P:])
     return -(logp * masked / t[:, None]).sum() / (N * L), {}

@@ -1,20 +1,25 @@
 """
-4x4 Sudoku on a laptop CPU: the paper's Sudoku tables (Table 1, Table 4, Figure 3) in minutes.
+4x4 Sudoku on a laptop CPU: when does on-policy self-distillation fix parallel decoding?
 
-    python sudoku.py                  # data, base model, Base-Self and COPSD: Table 1, 3 seeds
-    python sudoku.py --ablations      # + Table 4's rows (w/o group norm, with Z, COPSD-Random)
-    python sudoku.py --s_sweep        # + Figure 3: s/T at t/T = 0.9
+    python sudoku.py                  # the default regime: Base, Base-Self, COPSD and its
+                                      #   readings, Table 1 over 3 seeds (~15 min; rerun: seconds)
+    python sudoku.py --regime minimal # another regime (minimal, early, multi)
+    python sudoku.py --ablations --s_sweep   # + Table 4's rows and Figure 3's s/T sweep
     python sudoku.py --methods base,self,copsd,sft,sft+copsd,selfusion,dopsd,opdlm
+    python sudoku.py --study          # everything, every regime, budgets chosen on validation
     python sudoku.py --solve 1000002000300004   # a puzzle of your own, 0 = blank
 
-Methods (--methods): self = Base-Self, naive self-distillation (Alg. 1); copsd (Alg. 2); sft =
-the MDM loss on ground-truth solutions; sft+X = SFT, then X; the related methods selfusion, dopsd
-(d-OPSD) and opdlm (OPDLM, from an autoregressive teacher of the same size).
+Methods (--methods): self = Base-Self, naive self-distillation (Alg. 1); copsd (Alg. 2, in the
+reading --objective); sft = the MDM loss on ground-truth solutions; sft+X = SFT, then X; the
+related methods selfusion, dopsd (d-OPSD) and opdlm (OPDLM, from an autoregressive teacher of the
+same size). Regimes (--regime): minimal = unique puzzles with minimal givens, base trained over
+all mask ratios; early = the same puzzles, a base that rarely saw mostly-masked responses (the
+paper's premise by construction); multi = puzzles with 2-4 solutions, scored by validity.
 
 A small LLaDA (model.py, ~1M parameters) is pretrained from scratch with the MDM loss on puzzles
-with their solutions until it reaches a validation target: imperfect, and losing accuracy as more
-tokens are decoded per step, like LLaDA-8B-Instruct on Sudoku. From that same base each method
-then trains on puzzles alone (no solutions) with the same sampling and update budget.
+with their solutions until it fills 90% of the validation blanks at 1 token/step: imperfect, and
+losing accuracy as more tokens are decoded per step, like LLaDA-8B-Instruct on Sudoku. From that
+base each method then trains on puzzles alone (no solutions) with the same budget.
 """
 
 import argparse
@@ -23,6 +28,7 @@ import functools
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -35,6 +41,13 @@ from tqdm import tqdm
 
 import copsd
 from model import LLaDA, ModelConfig, from_pretrained, save_pretrained
+
+QUIET = False  # worker processes hide their progress bars (the parent shows one for all)
+
+
+def bar(iterable=None, **kw):
+    return tqdm(iterable, disable=QUIET, leave=False, **kw)
+
 
 # ----------------------------------------------------------------------------------------------
 # the puzzles
@@ -61,37 +74,41 @@ def solutions(puzzle):
     return grids()[((grids() == p) | (p == 0)).all(1)]
 
 
-def minimal_puzzle(grid, rng):
-    """Remove givens in random order while the solution stays unique: a minimal puzzle (4-6
-    givens). Easy puzzles (6-10 givens) a small model solves in one pass as well as cell by cell,
-    so parallel decoding loses nothing; minimal ones need chained deductions (a cell's value
-    follows from other blanks' values), which a shallow model cannot make in one pass."""
+def make_puzzle(grid, rng, most=1):
+    """Remove givens in random order while the puzzle keeps at most `most` solutions. most=1: a
+    unique minimal puzzle (4-6 givens). Easy puzzles (6-10 givens) a small model solves in one
+    pass as well as cell by cell, so parallel decoding loses nothing; minimal ones need chained
+    deductions (a cell's value follows from other blanks'), which one pass cannot make. most > 1:
+    puzzles with several solutions, where cells decoded together from separate marginals can mix
+    two solutions."""
     p = grid.copy()
     for c in rng.permutation(16):
         v, p[c] = p[c], 0
-        if len(solutions(p)) > 1:
+        if len(solutions(p)) > most:
             p[c] = v
     return p
 
 
-def make_splits(seed, n_pretrain, n_distill, n_test, n_val=256):
-    """Disjoint sets of unique minimal puzzles: pretraining (with solutions), self-distillation
+def make_splits(seed, n_pretrain, n_distill, n_test, n_val=256, most=1):
+    """Disjoint sets of puzzles (make_puzzle(most); most > 1 keeps those with 2 or more
+    solutions): pretraining (with a solution, drawn among its solutions), self-distillation
     prompts (puzzles only), validation and test. {split: (puzzles, solutions)}, (n, 16) each."""
     rng = np.random.default_rng(seed)
     need, seen, puzzles = n_pretrain + n_distill + n_val + n_test, set(), []
-    with tqdm(total=need, desc="puzzles", leave=False) as bar:
+    with bar(total=need, desc="puzzles") as progress:
         for _ in range(50 * need):
-            p = minimal_puzzle(grids()[rng.integers(len(grids()))], rng)
-            if p.tobytes() not in seen:
+            p = make_puzzle(grids()[rng.integers(len(grids()))], rng, most)
+            if p.tobytes() not in seen and (most == 1 or len(solutions(p)) > 1):
                 seen.add(p.tobytes())
                 puzzles.append(p)
-                bar.update()
+                progress.update()
                 if len(puzzles) == need:
                     break
     if len(puzzles) < need:
-        raise SystemExit(f"only {len(puzzles)} distinct minimal puzzles found; ask for fewer")
+        raise SystemExit(f"only {len(puzzles)} distinct puzzles found; ask for fewer")
     puzzles = np.array(puzzles)
-    sols = np.array([solutions(p)[0] for p in puzzles])
+    sols = np.array([solutions(p)[0] if most == 1 else rng.choice(solutions(p))
+                     for p in puzzles])
     cut = np.cumsum([0, n_pretrain, n_distill, n_val, n_test])
     return {name: (puzzles[a:b], sols[a:b]) for name, a, b in
             zip(["pretrain", "distill", "val", "test"], cut[:-1], cut[1:])}
@@ -138,33 +155,52 @@ def parse_puzzle(text):
 
 
 @torch.no_grad()
-def decode(model, puzzles, n):
+def decode(model, puzzles, **sampler):
+    """The model's fill of each puzzle (n, 16), and its tokens per forward (TPF)."""
     prompt = encode_prompt(puzzles)
     if model.cfg.causal:  # OPDLM's AR teacher: left to right, one token per step whatever n
         x = prompt
         for _ in range(GEN_LEN):
             x = torch.cat([x, model(x, start=x.shape[1] - 1).argmax(-1)], 1)
-        return x[:, PROMPT_LEN:].numpy()
-    seq = copsd.generate(model, prompt, None, MASK_ID, gen_length=GEN_LEN, block_length=GEN_LEN,
-                         steps=GEN_LEN // n)
-    return seq[:, PROMPT_LEN:].numpy()  # tokens 1-4 are the digits (anything else scores wrong)
+        return x[:, PROMPT_LEN:].numpy(), 1.0
+    seq, states = copsd.generate(model, prompt, None, MASK_ID, gen_length=GEN_LEN,
+                                 block_length=GEN_LEN, record=True, **sampler)
+    # tokens 1-4 are the digits; anything else scores wrong
+    return seq[:, PROMPT_LEN:].numpy(), copsd.tokens_per_forward(states, MASK_ID)
 
 
-def score(filled, puzzles, sols):
+def score(filled, puzzles, sols=None):
+    """Blank cells filled correctly and puzzles solved. sols: each puzzle's reference solution;
+    None: the nearest of all its solutions, so that a puzzle with several counts as solved by a
+    valid grid that keeps its givens."""
+    if sols is None:
+        near = [solutions(p) for p in puzzles]
+        sols = np.stack([s[(s == f).sum(1).argmax()] for s, f in zip(near, filled)])
     blank = puzzles == 0
     right = (filled == sols) | ~blank
     return dict(cell_acc=float((right & blank).sum() / blank.sum()),
                 solved=float(right.all(1).mean()))
 
 
-def evaluate(model, split, ns, batch=512):
+def columns(cfg, ns=None):
+    """The evaluation's decoding settings {column: generate's options}: n tokens per step (one
+    block of 16) with cfg.cache, or, with cfg.threshold, one column of threshold decoding."""
+    if cfg.threshold:
+        return {f"τ={cfg.threshold}": dict(steps=1, threshold=cfg.threshold, cache=cfg.cache)}
+    return {str(n): dict(steps=GEN_LEN // n, cache=cfg.cache) for n in ns or cfg.tokens_per_step}
+
+
+def evaluate(model, split, cols, batch=512):
+    """{column: cell accuracy, puzzles solved, TPF} on a split (scored against the nearest
+    solution)."""
     model.eval()
-    puzzles, sols = split
+    puzzles, _ = split
     out = {}
-    for n in ns:
-        filled = np.concatenate([decode(model, puzzles[i:i + batch], n)
-                                 for i in range(0, len(puzzles), batch)])
-        out[n] = score(filled, puzzles, sols)
+    for name, sampler in cols.items():
+        parts = [decode(model, puzzles[i:i + batch], **sampler)
+                 for i in range(0, len(puzzles), batch)]
+        filled = np.concatenate([f for f, _ in parts])
+        out[name] = dict(score(filled, puzzles), tpf=float(np.mean([t for _, t in parts])))
     return out
 
 
@@ -196,11 +232,13 @@ def parse_config(cls, argv=None, description=None):
     Fields a base class declares are shown as a group under its docstring."""
     ap = argparse.ArgumentParser(description=description,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    for klass in cls.__mro__[:-1]:
+    by_name, done = {f.name: f for f in fields(cls)}, set()
+    for klass in cls.__mro__[:-1]:  # a field belongs to the most derived class declaring it
         group = ap if klass is cls else ap.add_argument_group(klass.__doc__.split("\n")[0])
-        for f in fields(klass):
-            if f.name in vars(klass).get("__annotations__", {}):
-                add_flag(group, f)
+        for name in vars(klass).get("__annotations__", {}):
+            if name not in done:
+                add_flag(group, by_name[name])
+                done.add(name)
     return cls(**vars(ap.parse_args(argv)))
 
 
@@ -234,11 +272,24 @@ class MethodConfig:
     temperature: float = flag(1.0, "sampling temperature of training rollouts (K > 1 needs "
                                    "diverse samples; evaluation is greedy)")
     train_tokens_per_step: int = flag(2, "tokens decoded per step in training rollouts")
+    objective: str = flag("paper", "COPSD's reading of Eq. 6: paper (Eq. 11 through autograd), "
+                                   "score (without its +1 term), exact (Eq. 6 over the "
+                                   "vocabulary), later (KL to the later view)",
+                          choices=("paper", "score", "exact", "later"))
+    later_direction: str = flag("reverse", "the later reading's KL: reverse KL(p || p̃) or "
+                                           "forward KL(p̃ || p)", choices=("reverse", "forward"))
+    target_top_k: int = flag(0, "exact / later readings: cache the target's top-k tokens only "
+                                "(0 = the whole vocabulary)")
 
     def copsd_kw(self):
         """copsd_rollout's options."""
         return dict(t=self.t, s=self.s, random_s=self.random_s, keep_z=self.keep_z,
-                    group_norm=self.group_norm)
+                    group_norm=self.group_norm, objective=self.objective,
+                    top_k=self.target_top_k or None)
+
+    def copsd_loss_kw(self):
+        """copsd_loss's options."""
+        return dict(objective=self.objective, direction=self.later_direction)
 
 
 METHODS = ("self", "copsd", "sft", "sft+self", "sft+copsd", "selfusion", "dopsd", "opdlm")
@@ -246,13 +297,22 @@ METHODS = ("self", "copsd", "sft", "sft+self", "sft+copsd", "selfusion", "dopsd"
 
 @dataclass
 class Config(MethodConfig):
+    resample_every: int = flag(8, "optimiser steps per rollout (on-policy refresh, θ' = the "
+                                  "weights then); 0 = sample once from p_0 (Alg. 1/2 literally)")
     seeds: int = flag(3, "seeds; each its own data split, base model and runs")
-    out: str = flag("out/sudoku", "checkpoints (bases cached by their config) and results")
+    out: str = flag("out/sudoku", "checkpoints, cached runs (keyed by their config) and results")
     results: str = flag("results.json", "results file name under --out")
+    workers: int = flag(0, "worker processes for independent runs (0: one per CPU core); any "
+                           "number gives the same results")
+    regime: str = flag("early", "minimal: unique minimal puzzles, base trained over all mask "
+                                "ratios; early: a base that rarely saw mostly-masked responses; "
+                                "multi: puzzles with 2-4 solutions, scored by validity",
+                       choices=("minimal", "early", "multi"))
     # data
     n_pretrain: int = flag(4000, "pretraining puzzles (with solutions)")
     n_distill: int = flag(2000, "self-distillation prompts (puzzles only)")
     n_test: int = flag(256, "test puzzles (the paper evaluates on 256)")
+    most_solutions: int = flag(4, "the multi regime's puzzles keep at most this many solutions")
     # the base model (~1M parameters) and its pretraining
     d_model: int = flag(128, "width of the base model")
     n_layers: int = flag(4, "blocks of the base model")
@@ -264,21 +324,38 @@ class Config(MethodConfig):
                                    "(1 token/step)")
     pretrain_max_steps: int = flag(4000, "pretraining steps at most")
     eval_every: int = flag(50, "pretraining steps between validation checks")
-    # post-training: every method the same budget
+    early_t: float = flag(0.6, "early regime: most pretraining mask ratios are t ~ U(0, early_t)")
+    early_share: float = flag(0.8, "early regime: the share of pretraining rows with t ~ U(0, "
+                                   "early_t) (the rest: U(0, 1))")
+    # post-training: every method the same budget, chosen on validation by --study
     methods: tuple = flag(("base", "self", "copsd"), "table rows: base (no training), a method, "
                           "or sft+METHOD (SFT, then METHOD)", choices=("base",) + METHODS)
-    steps: int = flag(40, "optimiser steps of every method")
-    prompts_per_step: int = flag(16, "prompts per optimiser step")
-    lr: float = flag(1e-5, "AdamW learning rate of every method")
+    readings: bool = flag(True, "add a COPSD row for each other reading of Eq. 6 (--objective)")
+    steps: int = flag(120, "optimiser steps of every method (chosen by --study on validation)")
+    prompts_per_step: int = flag(8, "prompts per optimiser step")
+    lr: float = flag(1e-4, "AdamW learning rate of every method (chosen by --study)")
     opdlm_lr: float = flag(3e-4, "OPDLM's learning rate (its student starts as a next-token "
                                  "predictor)")
+    opdlm_steps: int = flag(400, "OPDLM's own budget: converting an AR model takes longer")
+    curve_every: int = flag(0, "validation accuracy at 1 and 16 tokens/step every this many "
+                               "post-training steps (learning curves; --study: 20); 0 = off")
     # experiments
     ablations: bool = flag(False, "add Table 4's rows: w/o group normalisation, with Z, "
                                   "COPSD-Random")
     s_sweep: bool = flag(False, "add Figure 3's rows: COPSD at each --sweep_s")
-    sweep_s: tuple = flag((0.1, 0.3, 0.5, 0.7, 0.8), "s/T values of Figure 3")
+    sweep_s: tuple = flag((0.1, 0.3, 0.7, 0.8), "s/T values of Figure 3 besides --s")
+    study: bool = flag(False, "every regime, every row, budgets and learning rate chosen per "
+                              "regime on validation, figures (hours: prints its estimate first)")
+    study_lrs: tuple = flag((3e-5, 1e-4), "--study: the learning rates to choose from")
+    premise_prompts: int = flag(64, "prompts for the self-consistency measurement")
+    premise_K: int = flag(16, "completions per prompt for the self-consistency measurement")
+    # evaluation
     tokens_per_step: tuple = flag((1, 2, 4, 8, 16), "tokens decoded per step in evaluation "
                                   "(Table 1's columns)")
+    cache: str = flag("none", "K/V cache in evaluation (one block of 16: prefix and dual are "
+                              "the same)", choices=("none", "prefix", "dual"))
+    threshold: float = flag(0.0, "confidence-threshold decoding in evaluation: one column, with "
+                                 "its tokens per forward; 0 = off")
     solve: str = flag("", "solve this puzzle (16 digits 0-4, 0 = blank) and exit")
     ckpt: str = flag("", "--solve with this checkpoint instead of the newest cached base")
 
@@ -291,59 +368,138 @@ def model_config(cfg):
                        eos_token_id=0, pad_token_id=0)
 
 
+def digest(*parts):
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def atomic_json(path, obj):
+    """Write, then rename: a killed run never leaves half a file (the temporary name is the
+    process's own: two workers may write the same result)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def regime_data(cfg, seed):
+    """The regime's splits (make_splits), kept on disk: a rerun need not search again."""
+    most = cfg.most_solutions if cfg.regime == "multi" else 1
+    key = digest(seed, most, cfg.n_pretrain, cfg.n_distill, cfg.n_test)
+    path = os.path.join(cfg.out, f"splits-{key}.npz")
+    if os.path.exists(path):
+        z = np.load(path)
+        return {k: (z[k + "_p"], z[k + "_s"]) for k in ("pretrain", "distill", "val", "test")}
+    data = make_splits(seed, cfg.n_pretrain, cfg.n_distill, cfg.n_test, most=most)
+    os.makedirs(cfg.out, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **{f"{k}_{w}": v[i] for k, v in data.items() for i, w in enumerate("ps")})
+    os.replace(tmp, path)
+    return data
+
+
 # ----------------------------------------------------------------------------------------------
-# pretraining the base (cached by its config)
+# pretraining the base (cached by what determines it)
+
+PRETRAIN_FIELDS = ["regime", "most_solutions", "n_pretrain", "n_distill", "n_test", "d_model",
+                   "n_layers", "n_heads", "mlp_hidden_size", "pretrain_lr", "pretrain_batch",
+                   "base_target", "pretrain_max_steps", "eval_every", "early_t", "early_share"]
 
 
-def pretrain(cfg, data, seed, causal=False, budget=None):
-    """The base MDM (LLaDA's loss, Eq. 3), trained until the validation target (blank-cell
-    accuracy at 1 token/step), or, causal=True, OPDLM's autoregressive teacher of the same
-    architecture (next-token loss on the response) trained for `budget` steps: the same data and
-    steps as that seed's base (left to right it cannot make a minimal puzzle's chained deductions
-    and plateaus below the target). Cached under cfg.out by a hash of what determines it."""
-    used = ["n_pretrain", "n_distill", "n_test", "d_model", "n_layers", "n_heads",
-            "mlp_hidden_size", "pretrain_lr", "pretrain_batch", "base_target",
-            "pretrain_max_steps", "eval_every"]
-    key = [seed] + [getattr(cfg, f) for f in used] + [causal] * causal
-    name = "ar" if causal else "base"
-    digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:10]
-    path = os.path.join(cfg.out, f"{name}-{digest}")
+def pretrain(cfg, seed, causal=False, budget=None):
+    """The base MDM (LLaDA's loss, Eq. 3) of the regime, trained until the validation target
+    (blank-cell accuracy at 1 token/step). The early regime draws most rows' mask ratio from
+    U(0, early_t): a stand-in for an instruct model whose fine-tuning rarely saw a mostly masked
+    response, so its first decoding steps are worse than its later ones by construction.
+    causal=True: OPDLM's autoregressive teacher of the same architecture (next-token loss on
+    the response), trained for `budget` steps (left to right it cannot make a minimal puzzle's
+    chained deductions and plateaus below the target). Returns the checkpoint's path."""
+    key = digest(seed, causal, [getattr(cfg, f) for f in PRETRAIN_FIELDS])
+    path = os.path.join(cfg.out, f"{'ar' if causal else 'base'}-{key}")
     if os.path.isdir(path):
-        return from_pretrained(path), path
+        return path
+    data = regime_data(cfg, seed)
     torch.manual_seed(seed)
     model = LLaDA(dataclasses.replace(model_config(cfg), causal=causal))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     puzzles, sols = data["pretrain"]
     seq = torch.cat([encode_prompt(puzzles), torch.as_tensor(sols)], 1)
     g = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(1, (budget or cfg.pretrain_max_steps) + 1),
-               desc=f"pretrain {name} (seed {seed})")
-    acc = 0.0
-    for step in bar:
+    acc, n, eps = 0.0, cfg.pretrain_batch, 1e-3
+    progress = bar(range(1, (budget or cfg.pretrain_max_steps) + 1), desc=f"pretrain ({seed})")
+    for step in progress:
         model.train()
-        batch = seq[torch.randint(len(seq), (cfg.pretrain_batch,), generator=g)]
+        batch = seq[torch.randint(len(seq), (n,), generator=g)]
         if causal:  # position j - 1 predicts response token j
             logits = model(batch, start=PROMPT_LEN - 1)[:, :-1]
             loss = F.cross_entropy(rearrange(logits, "b l v -> (b l) v"),
                                    batch[:, PROMPT_LEN:].flatten())
         else:
+            t = None
+            if cfg.regime == "early":
+                u, low = torch.rand(n, generator=g), torch.rand(n, generator=g) < cfg.early_share
+                t = eps + u * torch.where(low, cfg.early_t - eps, 1 - eps)
             loss, _ = copsd.mdm_loss(model, copsd.Rollout(batch, None, PROMPT_LEN), MASK_ID,
-                                     generator=g)
+                                     generator=g, t=t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % cfg.eval_every == 0 and not causal:  # the AR teacher trains its fixed budget
-            acc = evaluate(model, data["val"], [1])[1]["cell_acc"]
+            acc = evaluate(model, data["val"], columns(cfg, [1]))["1"]["cell_acc"]
             if acc >= cfg.base_target:
                 break
-        bar.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{acc:.3f}")
-    bar.close()
-    if causal:
-        acc = evaluate(model, data["val"], [1])[1]["cell_acc"]
-    print(f"{name} (seed {seed}): {step} steps, val blank-cell accuracy {acc:.3f} at 1 token/step")
+        progress.set_postfix(loss=f"{loss.item():.3f}", val_acc=f"{acc:.3f}")
     model.cfg.extra["pretrain_steps"] = step  # config.json keeps it: the AR teacher's budget
     save_pretrained(path, model.cfg, model.state_dict())
-    return model, path
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# the paper's premise (Sec. 4.1), measured: are the model's early predictions worse than what it
+# predicts once more of its own trajectory is revealed?
+
+
+@torch.no_grad()
+def complete(model, x, generator):
+    """Fill x's masked response cells one at a time, in random order, each sampled from the
+    model (temperature 1): a sample of the model's own joint distribution given x."""
+    x = x.clone()
+    for _ in range(GEN_LEN):
+        masked = x[:, PROMPT_LEN:] == MASK_ID
+        if not masked.any():
+            break
+        logits = model(x, start=PROMPT_LEN).index_fill(-1, torch.tensor([MASK_ID]), -torch.inf)
+        token = copsd.add_gumbel_noise(logits, 1.0, generator).argmax(-1)
+        u = torch.rand(masked.shape, generator=generator).masked_fill(~masked, -1.0)
+        cell = u.argmax(1, keepdim=True)  # one random masked cell per row
+        row = masked.any(1)
+        x[row, PROMPT_LEN + cell[row, 0]] = token.gather(1, cell)[row, 0]
+    return x
+
+
+@torch.no_grad()
+def self_consistency(model, puzzles, t=0.9, s=0.5, K=16, seed=0):
+    """The premise as a number. The model samples y for each puzzle; y_t masks it at t; its
+    early marginal p(.|y_t) is compared, at the cells masked in both views, with the mean of the
+    later-view predictions p(.|y^k_{t-s}) over K of its own completions y^k of y_t. A perfectly
+    self-consistent MDM has p(.|y_t) = E_k p(.|y^k_{t-s}). Returns Σ_v (p(v) - mean_k p̃_k(v))^2
+    averaged over cells, less the K-sample mean's own variance (an unbiased estimate)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = encode_prompt(puzzles)
+    y = copsd.generate(model, prompt, None, MASK_ID, GEN_LEN, GEN_LEN, GEN_LEN // 2,
+                       temperature=1.0, generator=g)
+    mask_t, mask_ts = copsd.nested_masks((len(y), GEN_LEN), t, s, generator=g)
+    y_t = copsd.apply_mask(y, PROMPT_LEN, mask_t, MASK_ID)
+    p = F.softmax(model(y_t, start=PROMPT_LEN), -1)
+    later = copsd.apply_mask(complete(model, copsd.per_prompt(y_t, K), g), PROMPT_LEN,
+                             copsd.per_prompt(mask_ts, K), MASK_ID)
+    p_k = rearrange(F.softmax(model(later, start=PROMPT_LEN), -1), "(b k) l v -> b k l v", k=K)
+    gap = ((p - p_k.mean(1)) ** 2 - p_k.var(1) / K).sum(-1)
+    return float((gap * mask_ts).sum() / mask_ts.sum())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,30 +509,32 @@ def pretrain(cfg, data, seed, causal=False, budget=None):
 
 def loss_options(method, c, teacher):
     """Each method's keyword options for its loss (copsd.METHODS), from the config."""
-    return dict(dopsd=dict(n_steps=2),  # 2 of the rollout's 8 steps: about the others' passes
+    return dict(copsd=c.copsd_loss_kw(),
+                dopsd=dict(n_steps=2),  # 2 of the rollout's 8 steps: about the others' passes
                 opdlm=dict(teacher=teacher)).get(method, {})
 
 
-def post_train(model, cfg, data, method, seed, teacher=None, **overrides):
-    """Train `model` in place on the distillation puzzles with `method` for cfg.steps optimiser
-    steps. Every `resample_every` steps a rollout of resample_every * prompts_per_step prompts x
-    K responses is drawn with the current weights (θ') and consumed one slice per step
-    (resample_every = 0: one rollout from p_0 before training, reused). SFT draws as many solved
-    puzzles per step as the others have rows. Returns the per-step loss and stats."""
-    c = dataclasses.replace(cfg, **overrides)
-    opt = torch.optim.AdamW(model.parameters(), lr=c.opdlm_lr if method == "opdlm" else c.lr,
-                            weight_decay=0.0)
+def post_train(model, c, data, method, seed, teacher=None, curve=None, start=0, keep=None):
+    """Train `model` in place on the distillation puzzles with `method` for c.steps optimiser
+    steps (OPDLM: c.opdlm_steps). Every `resample_every` steps a rollout of resample_every x
+    prompts_per_step prompts x K responses is drawn with the current weights (θ') and consumed
+    one slice per step (resample_every = 0: one rollout from p_0, reused). SFT draws as many
+    solved puzzles per step as the others have rows. Every c.curve_every steps the validation
+    accuracy at 1 and 16 tokens/step goes into `curve` (step numbers from `start`), and `keep`,
+    a directory, receives the weights. Returns the per-step loss and stats."""
+    steps, lr = (c.opdlm_steps, c.opdlm_lr) if method == "opdlm" else (c.steps, c.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     puzzles, sols = data["distill"]
     prompts, answers = encode_prompt(puzzles), torch.as_tensor(sols)
     g = torch.Generator().manual_seed(seed)
     sampler = dict(gen_length=GEN_LEN, block_length=GEN_LEN,
                    steps=GEN_LEN // c.train_tokens_per_step, temperature=c.temperature)
-    window = c.resample_every or c.steps
+    window = c.resample_every or steps
     K = 1 if method == "sft" else c.K
     rows = c.prompts_per_step * c.K
     loss_fn, options = copsd.METHODS[method][1], loss_options(method, c, teacher)
-    bar, history = tqdm(range(c.steps), desc=f"{method} (seed {seed})", leave=False), []
-    for step in bar:
+    history = []
+    for step in bar(range(steps), desc=f"{method} ({seed})"):
         if step % window == 0 and (c.resample_every or step == 0):
             model.eval()
             idx = torch.randint(len(prompts), (window * rows // K,), generator=g)
@@ -389,114 +547,342 @@ def post_train(model, cfg, data, method, seed, teacher=None, **overrides):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        stats = {k: round(v, 5) for k, v in stats.items() if k in ("d", "kd", "div", "kl")}
-        bar.set_postfix(loss=f"{loss.item():.3f}", **stats)
-        history.append(dict(loss=loss.item(), **stats))
+        history.append(dict(loss=loss.item(), **{k: round(v, 5) for k, v in stats.items()
+                                                 if k in ("d", "kd", "div", "kl")}))
+        done = start + step + 1
+        if curve is not None and c.curve_every and done % c.curve_every == 0:
+            ev = evaluate(model, data["val"], columns(c, [1, 16]))
+            curve.append(dict(step=done, **{f"val{n}": ev[n]["cell_acc"] for n in ("1", "16")}))
+            if keep:
+                save_pretrained(os.path.join(keep, f"step-{done}"), model.cfg, model.state_dict())
     return history
 
 
 # ----------------------------------------------------------------------------------------------
-# the experiment and its tables
-
-ROWS = {"base": "Base", "self": "Base-Self", "copsd": "COPSD", "sft": "SFT",
-        "sft+self": "SFT + Base-Self", "sft+copsd": "SFT + COPSD", "selfusion": "SelFusion",
-        "dopsd": "d-OPSD", "opdlm": "OPDLM"}
+# rows and runs: a row is a list of training stages with its flags; a run is a row for one seed,
+# cached under --out by everything that determines it, so that a rerun only reads results
 
 
-def rows_to_run(cfg):
-    """(row name, [method stages], overrides) for every row asked for; "sft+copsd" is SFT and
-    then COPSD, each with the full budget (Table 1's lower half)."""
-    rows = [(ROWS[m], [] if m == "base" else m.split("+"), {}) for m in cfg.methods]
+def rows_of(cfg):
+    """{row name: (stages, flags)} for the rows asked for."""
+    label = {"base": "Base", "self": "Base-Self", "sft": "SFT", "selfusion": "SelFusion",
+             "dopsd": "d-OPSD", "opdlm": "OPDLM",
+             "copsd": "COPSD" + ("" if cfg.objective == "paper" else f" ({cfg.objective})")}
+    rows = {" + ".join(label[s] for s in m.split("+")): ([] if m == "base" else m.split("+"), {})
+            for m in cfg.methods}
+    if cfg.readings:
+        rows.update({name: (["copsd"], flags) for name, flags in
+                     ({"COPSD (paper)": dict(objective="paper")} | READINGS).items()
+                     if flags != dict(objective=cfg.objective)})
     if cfg.ablations:
-        rows += [("COPSD w/o group normalization", ["copsd"], dict(group_norm=False)),
-                 ("COPSD with Z", ["copsd"], dict(keep_z=True)),
-                 ("COPSD-Random", ["copsd"], dict(random_s=True))]
+        rows.update({"COPSD w/o group normalization": (["copsd"], dict(group_norm=False)),
+                     "COPSD with Z": (["copsd"], dict(keep_z=True)),
+                     "COPSD-Random": (["copsd"], dict(random_s=True))})
     if cfg.s_sweep:
-        rows += [(f"COPSD s/T={s}", ["copsd"], dict(s=s)) for s in cfg.sweep_s]
+        rows.update({f"COPSD s/T={s}": (["copsd"], dict(s=s)) for s in cfg.sweep_s})
     return rows
 
 
-def print_table(results, ns, key, title):
-    width = max(len(r) for r in results) + 2
-    print(f"\n{title}\n" + "Model / # Tokens".ljust(width) + "".join(f"{n:>15}" for n in ns))
-    for row, per_seed in results.items():
-        cells = []
-        for n in ns:
-            v = 100 * np.array([r[str(n)][key] for r in per_seed])
-            cells.append(f"{v.mean():6.2f} ± {v.std():5.2f}".rjust(15))
-        print(row.ljust(width) + "".join(cells))
+RUN_FIELDS = PRETRAIN_FIELDS + [f.name for f in fields(MethodConfig)] + [
+    "steps", "prompts_per_step", "lr", "opdlm_lr", "opdlm_steps", "curve_every"]
 
 
-def cached_splits(cfg, seed):
-    """make_splits, kept on disk: a rerun need not search for the puzzles again."""
-    path = os.path.join(cfg.out, f"splits-{seed}-{cfg.n_pretrain}-{cfg.n_distill}-{cfg.n_test}.npz")
+def run_row(cfg, seed, stages, flags, keep=False):
+    """Train one row from the seed's base (OPDLM: from its AR teacher made bidirectional) and
+    evaluate it on the test split. keep: save the weights at every curve point (the study then
+    evaluates the test split at the point chosen on validation). Cached; returns
+    {"test": {column: scores}, "history", "curve", "dir"}."""
+    c = dataclasses.replace(cfg, **flags)
+    key = digest(seed, stages, [getattr(c, f) for f in RUN_FIELDS], keep, columns(c))
+    d = os.path.join(cfg.out, "runs", f"{'+'.join(stages) or 'base'}-{key}")
+    if os.path.exists(os.path.join(d, "result.json")):
+        return read_json(os.path.join(d, "result.json"))
+    data, base = regime_data(c, seed), pretrain(c, seed)
+    model, teacher, history, curve = from_pretrained(base), None, [], []
+    if stages == ["opdlm"]:
+        budget = model.cfg.extra["pretrain_steps"]
+        teacher = from_pretrained(pretrain(c, seed, causal=True, budget=budget))
+        teacher.requires_grad_(False)
+        model = from_pretrained(pretrain(c, seed, causal=True, budget=budget))
+        model.cfg = dataclasses.replace(model.cfg, causal=False)
+    for i, method in enumerate(stages):
+        history.append(post_train(model, c, data, method, seed, teacher, curve,
+                                  start=i * c.steps, keep=d if keep else None))
+    # with kept checkpoints the test split waits for the budget chosen on validation
+    result = dict(test=None if keep else evaluate(model, data["test"], columns(c)),
+                  history=history, curve=curve, dir=d)
+    os.makedirs(d, exist_ok=True)
+    save_pretrained(os.path.join(d, "final"), model.cfg, model.state_dict())
+    atomic_json(os.path.join(d, "result.json"), result)
+    return result
+
+
+def base_row(cfg, seed):
+    """The base itself as a row: its test scores, and the premise measured on it."""
+    c, base = cfg, pretrain(cfg, seed)
+    path = os.path.join(base, f"eval-{digest(columns(c), c.premise_prompts, c.premise_K)}.json")
     if os.path.exists(path):
-        z = np.load(path)
-        return {k: (z[k + "_p"], z[k + "_s"]) for k in ("pretrain", "distill", "val", "test")}
-    data = make_splits(seed, cfg.n_pretrain, cfg.n_distill, cfg.n_test)
-    np.savez(path + ".tmp.npz", **{f"{k}_{w}": v[i] for k, v in data.items()
-                                   for i, w in enumerate("ps")})
-    os.replace(path + ".tmp.npz", path)
-    return data
+        return read_json(path)
+    data, model = regime_data(c, seed), from_pretrained(base)
+    model.eval()
+    gap = self_consistency(model, data["val"][0][:c.premise_prompts], c.t, c.s, c.premise_K, seed)
+    result = dict(test=evaluate(model, data["test"], columns(c)), history=[], curve=[],
+                  steps=model.cfg.extra["pretrain_steps"], premise=gap,
+                  val=evaluate(model, data["val"], columns(c, [1, 16])))
+    atomic_json(path, result)
+    return result
 
 
-def cached_eval(base, base_path, data, ns):
-    """The base's evaluation, kept beside its checkpoint (it depends only on the two)."""
-    key = hashlib.sha1(data["test"][0].tobytes()).hexdigest()[:8]
-    path = os.path.join(base_path, f"eval-{key}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if all(str(n) in saved for n in ns):
-            return {n: saved[str(n)] for n in ns}
-    ev = evaluate(base, data["test"], ns)
-    with open(path, "w") as f:
-        json.dump({str(n): r for n, r in ev.items()}, f)
-    return ev
+def evaluate_at(cfg, seed, run_dir, step):
+    """A kept checkpoint of a run, on the test split."""
+    model = from_pretrained(os.path.join(run_dir, f"step-{step}"))
+    return evaluate(model, regime_data(cfg, seed)["test"], columns(cfg))
+
+
+def one_thread():
+    """Worker set-up: one thread per process (as the serial run, so results are identical), no
+    progress bars of its own."""
+    global QUIET
+    QUIET = True
+    torch.set_num_threads(1)
+
+
+def call(args):
+    fn, *rest = args
+    return fn(*rest)
+
+
+def parallel(tasks, workers, desc):
+    """[fn(*args) for fn, *args in tasks], in `workers` processes when there are several."""
+    if workers <= 1 or len(tasks) <= 1:
+        return [call(t) for t in tqdm(tasks, desc=desc)]
+    pool = multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), one_thread)
+    try:
+        return list(tqdm(pool.imap(call, tasks), total=len(tasks), desc=desc))
+    finally:
+        pool.close()
+        pool.join()
+
+
+# ----------------------------------------------------------------------------------------------
+# the experiment: one regime's table (the default), or the whole study
 
 
 def run(cfg):
+    """One regime: the base's premise and gap, then every row over cfg.seeds seeds."""
     t0 = time.time()
-    torch.set_num_threads(min(os.cpu_count() or 1, 8))
-    ns = cfg.tokens_per_step
-    rows = rows_to_run(cfg)
+    rows = {"Base": ([], {})} | {k: v for k, v in rows_of(cfg).items() if v[0]}
     os.makedirs(cfg.out, exist_ok=True)
-    results = {name: [] for name, _, _ in rows}
-    for seed in range(cfg.seeds):
-        data = cached_splits(cfg, seed)
-        base, base_path = pretrain(cfg, data, seed)
-        base_eval = cached_eval(base, base_path, data, ns)
-        print(f"base (seed {seed}) blank-cell accuracy by tokens/step: "
-              + "  ".join(f"{n}: {100 * r['cell_acc']:.1f}%" for n, r in base_eval.items()))
-        for name, stages, overrides in rows:
-            teacher, history = None, []
-            if not stages:
-                ev = base_eval
-            else:
-                model = from_pretrained(base_path)
-                if stages == ["opdlm"]:  # OPDLM: the student is the AR teacher made bidirectional
-                    budget = base.cfg.extra.get("pretrain_steps", cfg.pretrain_max_steps)
-                    teacher, ar_path = pretrain(cfg, data, seed, causal=True, budget=budget)
-                    teacher.requires_grad_(False)
-                    model = from_pretrained(ar_path)
-                    model.cfg = dataclasses.replace(model.cfg, causal=False)
-                history = [post_train(model, cfg, data, method, seed, teacher, **overrides)
-                           for method in stages]
-                ev = evaluate(model, data["test"], ns)
-                slug = name.lower().replace(" ", "-").replace("/", "")
-                save_pretrained(os.path.join(cfg.out, f"seed{seed}-{slug}"), model.cfg,
-                                model.state_dict())
-            results[name].append({**{str(n): r for n, r in ev.items()}, "history": history})
-            print(f"  {name} (seed {seed}): "
-                  + "  ".join(f"{n}: {100 * r['cell_acc']:.1f}%" for n, r in ev.items()))
-    with open(os.path.join(cfg.out, cfg.results), "w") as f:
-        json.dump(dict(config=dataclasses.asdict(cfg), results=results,
-                       seconds=time.time() - t0), f, indent=2)
-    print_table(results, ns, "cell_acc",
-                f"Sudoku: blank cells filled correctly (%), mean ± std over {cfg.seeds} seeds")
-    print_table(results, ns, "solved", "Sudoku: puzzles solved completely (%)")
-    print(f"\nwall time {time.time() - t0:.0f} s; results in {os.path.join(cfg.out, cfg.results)}")
+    parallel([(pretrain, cfg, seed) for seed in range(cfg.seeds)], cfg.workers, "bases")
+    tasks = [(base_row, cfg, seed) if not stages else (run_row, cfg, seed, stages, flags)
+             for stages, flags in rows.values() for seed in range(cfg.seeds)]
+    done = iter(parallel(tasks, cfg.workers, "rows"))
+    results = {name: [next(done) for _ in range(cfg.seeds)] for name in rows}
+    print_premise(cfg.regime, results["Base"])
+    report(results, list(columns(cfg)), cfg.regime)
+    atomic_json(os.path.join(cfg.out, cfg.results), dict(config=dataclasses.asdict(cfg),
+                                                          results=results))
+    print(f"\nwall time {time.time() - t0:.0f} s; results in "
+          f"{os.path.join(cfg.out, cfg.results)}")
     return results
+
+
+READINGS = {"COPSD (score)": dict(objective="score"), "COPSD (exact)": dict(objective="exact"),
+            "COPSD (later)": dict(objective="later"),
+            "COPSD (later, forward)": dict(objective="later", later_direction="forward")}
+MAIN = {"Base-Self": (["self"], {}), "COPSD": (["copsd"], {})} | {
+    name: (["copsd"], flags) for name, flags in READINGS.items()}
+OTHER = {"SFT": (["sft"], {}), "SFT + Base-Self": (["sft", "self"], {}),
+         "SFT + COPSD": (["sft", "copsd"], {}),
+         "COPSD w/o group normalization": (["copsd"], dict(group_norm=False)),
+         "COPSD with Z": (["copsd"], dict(keep_z=True)),
+         "COPSD-Random": (["copsd"], dict(random_s=True)),
+         "SelFusion": (["selfusion"], {}), "d-OPSD": (["dopsd"], {}), "OPDLM": (["opdlm"], {})}
+
+
+def choose(curves):
+    """The budget and learning rate of a regime, on validation: the (lr, step) whose accuracy,
+    the mean of 1 and 16 tokens/step, averaged over the rows and seeds, is highest.
+    curves: {lr: [curve of each (row, seed)]}. The same choice for every method."""
+    score_of = {}
+    for lr, runs in curves.items():
+        for point in zip(*runs):
+            score_of[(lr, point[0]["step"])] = np.mean([p["val1"] + p["val16"] for p in point]) / 2
+    return max(score_of, key=score_of.get), score_of
+
+
+def study(cfg):
+    """Every regime: bases and premise; the Table 1 rows at each --study_lrs with learning
+    curves; the budget and learning rate chosen on validation (choose); then the other rows
+    (SFT, Table 4, Figure 3, the related methods) at that choice; test scores; figures."""
+    t0 = time.time()
+    regimes = {r: dataclasses.replace(cfg, regime=r, objective="paper",
+                                      curve_every=cfg.curve_every or 20)
+               for r in ("minimal", "early", "multi")}
+    seeds = range(cfg.seeds)
+    sweep = {f"COPSD s/T={s}": (["copsd"], dict(s=s)) for s in cfg.sweep_s}
+    n_runs = len(regimes) * cfg.seeds * (len(MAIN) * len(cfg.study_lrs) + len(OTHER) + len(sweep))
+    print(f"the study: {len(regimes)} regimes x {cfg.seeds} seeds, {n_runs} runs of up to "
+          f"{cfg.steps} steps (OPDLM {cfg.opdlm_steps}); estimated "
+          f"{estimate(cfg, n_runs) / 3600:.1f} h on {cfg.workers} worker(s)")
+    parallel([(pretrain, c, s) for c in regimes.values() for s in seeds], cfg.workers, "bases")
+    bases = parallel([(base_row, c, s) for c in regimes.values() for s in seeds], cfg.workers,
+                     "premise")
+    main = [(c, lr, name, s) for c in regimes.values() for lr in cfg.study_lrs for name in MAIN
+            for s in seeds]
+    runs = parallel([(run_row, dataclasses.replace(c, lr=lr), s, *MAIN[name], True)
+                     for c, lr, name, s in main], cfg.workers, "Table 1 rows, each lr")
+    out = {}
+    for i, (r, c) in enumerate(regimes.items()):
+        mine = [(key, res) for key, res in zip(main, runs) if key[0] is c]
+        (lr, step), scores = choose({lr: [res["curve"] for key, res in mine if key[1] == lr]
+                                     for lr in cfg.study_lrs})
+        out[r] = dict(lr=lr, steps=step, choice=[dict(lr=a, step=b, val=v)
+                                                 for (a, b), v in scores.items()],
+                      base=bases[i * cfg.seeds:(i + 1) * cfg.seeds],
+                      curves={name: [res["curve"] for key, res in mine
+                                     if key[1] == lr and key[2] == name] for name in MAIN},
+                      runs={(key[2], key[3]): res for key, res in mine if key[1] == lr})
+    tests = parallel([(evaluate_at, regimes[r], s, out[r]["runs"][(name, s)]["dir"],
+                       out[r]["steps"]) for r in regimes for name in MAIN for s in seeds],
+                     cfg.workers, "test at the chosen budget")
+    rest = parallel([(run_row, dataclasses.replace(regimes[r], lr=out[r]["lr"],
+                                                   steps=out[r]["steps"]), s, *spec)
+                     for r in regimes for spec in (OTHER | sweep).values() for s in seeds],
+                    cfg.workers, "the other rows")
+    tests, rest = iter(tests), iter(rest)
+    results = {}
+    for r in regimes:
+        table = {"Base": out[r]["base"]}
+        for name in MAIN:
+            table[name] = [dict(out[r]["runs"][(name, s)], test=next(tests)) for s in seeds]
+        for name in OTHER | sweep:
+            table[name] = [next(rest) for _ in seeds]
+        results[r] = dict(lr=out[r]["lr"], steps=out[r]["steps"], choice=out[r]["choice"],
+                          table=table)
+        print(f"\n=== regime {r}: lr {out[r]['lr']}, {out[r]['steps']} steps (chosen on "
+              "validation) ===")
+        print_premise(r, table["Base"])
+        report(table, list(columns(cfg)), r)
+    atomic_json(os.path.join(cfg.out, "study.json"), dict(config=dataclasses.asdict(cfg),
+                                                          results=results))
+    plot(results, os.path.join(cfg.out, "figures"), list(columns(cfg)), cfg)
+    print(f"\nwall time {(time.time() - t0) / 3600:.2f} h; results in {cfg.out}/study.json, "
+          f"figures in {cfg.out}/figures")
+    return results
+
+
+def estimate(cfg, n_runs):
+    """Seconds the study should take: a few post-training steps and one validation pass of a
+    random model, timed here, scaled to every run's steps and curve points."""
+    torch.manual_seed(0)
+    model, data = LLaDA(model_config(cfg)), make_splits(0, 0, 64, 0, n_val=256)
+    c = dataclasses.replace(cfg, steps=cfg.resample_every or 8, curve_every=0)
+    t = time.time()
+    post_train(model, c, data, "copsd", 0)
+    per_step = (time.time() - t) / c.steps
+    t = time.time()
+    evaluate(model, data["val"], columns(c, [1, 16]))
+    per_point = time.time() - t
+    runs = n_runs * (cfg.steps * per_step + cfg.steps / max(cfg.curve_every, 1) * per_point)
+    bases = 3 * cfg.seeds * 600 * per_step / 4  # ~600 pretraining steps, a quarter the cost
+    return (runs + bases) / max(cfg.workers, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# tables and figures
+
+
+def print_premise(regime, base):
+    gap = [100 * (b["test"]["1"]["cell_acc"] - b["test"]["16"]["cell_acc"]) for b in base
+           if "1" in b["test"] and "16" in b["test"]]
+    print(f"\n{regime}: the base's self-consistency gap at t/T = 0.9 (0 for a self-consistent "
+          f"MDM): {np.mean([b['premise'] for b in base]):.4f} ± "
+          f"{np.std([b['premise'] for b in base]):.4f}; its loss from 1 to 16 tokens/step: "
+          + (f"{np.mean(gap):.1f} points" if gap else "—"))
+
+
+def report(results, cols, regime):
+    for key, what in (("cell_acc", "blank cells filled correctly"),
+                      ("solved", "puzzles solved completely")):
+        print(f"\n{regime}: {what} (%), mean ± std over seeds")
+        width = max(len(r) for r in results) + 2
+        print("Model / # Tokens".ljust(width) + "".join(f"{n:>15}" for n in cols))
+        for row, per_seed in results.items():
+            v = 100 * np.array([[r["test"][n][key] for n in cols] for r in per_seed])
+            print(row.ljust(width) + "".join(f"{m:6.2f} ± {s:5.2f}".rjust(15)
+                                             for m, s in zip(v.mean(0), v.std(0))))
+
+
+def plot(results, out_dir, cols, cfg):
+    """The README's figures, from the study's results: accuracy over tokens per step (Table 1
+    and the related methods as a picture), learning curves, Figure 2 (the calibration distance
+    over training) and Figure 3 (accuracy over s/T)."""
+    import matplotlib  # the figures only: sudoku.py runs without it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    regimes = list(results)
+    ns = [int(n) for n in cols]
+
+    def acc(runs, n):
+        v = 100 * np.array([r["test"][n]["cell_acc"] for r in runs])
+        return v.mean(), v.std()
+
+    def figure(name, draw, ylabel, xlabel, log=False):
+        fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4), squeeze=False)
+        for ax, r in zip(axes[0], regimes):
+            draw(ax, results[r]["table"])
+            ax.set(title=f"{r} (lr {results[r]['lr']}, {results[r]['steps']} steps)",
+                   xlabel=xlabel, ylabel=ylabel)
+            if log:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(ns, [str(n) for n in ns])
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        plt.close(fig)
+
+    def by_tokens(names):
+        def draw(ax, table):
+            for row in names:
+                m = np.array([acc(table[row], n) for n in cols])
+                ax.errorbar(ns, m[:, 0], yerr=m[:, 1], marker="o", ms=3, capsize=2, label=row)
+        return draw
+
+    def curves(ax, table):
+        for i, row in enumerate(list(MAIN) + ["SFT", "SelFusion", "d-OPSD"]):
+            runs = [r["curve"] for r in table[row]]
+            steps = [p["step"] for p in runs[0]]
+            for key, style in (("val1", "-"), ("val16", "--")):
+                v = 100 * np.array([[p[key] for p in c] for c in runs]).mean(0)
+                ax.plot([0] + steps, [100 * np.mean([b["val"][key[3:]]["cell_acc"]
+                                                     for b in table["Base"]])] + list(v),
+                        style, color=f"C{i}", label=row if key == "val1" else None)
+
+    def distance(ax, table):
+        for row in [name for name in MAIN if name.startswith("COPSD")]:
+            d = np.array([[h["d"] for h in r["history"][0]] for r in table[row]]).mean(0)
+            ax.plot(np.convolve(d, np.ones(5) / 5, mode="valid"), label=row)
+
+    def s_sweep(ax, table):
+        values = sorted([cfg.s] + list(cfg.sweep_s))
+        for n, style in (("1", "o-"), ("4", "s-"), ("16", "^-")):
+            rows = [table["COPSD" if s == cfg.s else f"COPSD s/T={s}"] for s in values]
+            m = np.array([acc(r, n) for r in rows])
+            ax.errorbar(values, m[:, 0], yerr=m[:, 1], fmt=style, capsize=2,
+                        label=f"COPSD, {n} tokens/step")
+            ax.axhline(acc(table["Base"], n)[0], ls=":", color="gray")
+
+    figure("table1.png", by_tokens(["Base"] + list(MAIN)), "blank cells correct (%)", "tokens per step", True)
+    figure("related.png", by_tokens(["Base", "Base-Self", "COPSD", "SFT", "SFT + Base-Self",
+                                     "SFT + COPSD", "SelFusion", "d-OPSD", "OPDLM"]),
+           "blank cells correct (%)", "tokens per step", True)
+    figure("curves.png", curves, "validation blank cells (%)",
+           "post-training step (solid: 1, dashed: 16 tokens/step)")
+    figure("figure2.png", distance, "calibration distance d (5-step mean)", "post-training step")
+    figure("figure3.png", s_sweep, "blank cells correct (%)", "s/T (t/T = 0.9); gray: Base")
 
 
 def solve(cfg):
@@ -511,7 +897,7 @@ def solve(cfg):
         path = max(bases, key=lambda e: e.stat().st_mtime).path
     model = from_pretrained(path)
     model.eval()
-    grid = np.where(puzzle > 0, puzzle, decode(model, puzzle[None], 1)[0])
+    grid = np.where(puzzle > 0, puzzle, decode(model, puzzle[None], steps=GEN_LEN)[0][0])
     for r in range(4):
         print(" ".join(str(v) for v in grid[4 * r:4 * r + 4]))
     ok = any((grid == s).all() for s in solutions(puzzle))
@@ -520,4 +906,9 @@ def solve(cfg):
 
 if __name__ == "__main__":
     cfg = parse_config(Config, description=__doc__)
-    solve(cfg) if cfg.solve else run(cfg)
+    cfg = dataclasses.replace(cfg, workers=cfg.workers or os.cpu_count() or 1)
+    torch.set_num_threads(1)  # one thread per run, serial or parallel: the same numbers
+    if cfg.solve:
+        solve(cfg)
+    else:
+        study(cfg) if cfg.study else run(cfg)

@@ -83,6 +83,8 @@ class TrainConfig(MethodConfig):
     method: str = flag("copsd", "copsd (Alg. 2), self (Base-Self, Alg. 1), sft (ground truth), "
                                 "selfusion or dopsd", choices=METHODS)
     dopsd_steps: int = flag(2, "d-OPSD: trajectory steps supervised per update")
+    target_top_k: int = flag(64, "exact / later readings: cache the target's top-k tokens only "
+                                 "(0 = the whole vocabulary: 126k floats per position at 8B)")
     # the sampler (LLaDA's generate; Table 1's settings)
     gen_length: int = flag(256, "response tokens")
     block_length: int = flag(32, "tokens per block of the sampler")
@@ -478,7 +480,8 @@ def draw(model, batch, cfg, mcfg, g, stats):
 
 def loss_options(cfg):
     """Each method's keyword options for its loss (copsd.METHODS), from the config."""
-    return dict(dopsd=dict(n_steps=cfg.dopsd_steps, block_length=cfg.block_length)).get(
+    return dict(copsd=cfg.copsd_loss_kw(),
+                dopsd=dict(n_steps=cfg.dopsd_steps, block_length=cfg.block_length)).get(
         cfg.method, {})
 
 

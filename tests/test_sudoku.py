@@ -5,9 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import torch
 
 import sudoku
 from conftest import ROOT
@@ -175,14 +177,16 @@ def test_typo_is_a_one_line_argparse_error(args, choice):
 
 
 ROWS = ["Base", "Base-Self", "COPSD"]
+TINY = ["--seeds", "1", "--n_pretrain", "200", "--n_distill", "64", "--n_test", "32", "--d_model", "32",
+        "--n_layers", "1", "--n_heads", "2", "--mlp_hidden_size", "64", "--pretrain_max_steps", "20",
+        "--eval_every", "10", "--steps", "2", "--prompts_per_step", "4", "--K", "2", "--no-readings",
+        "--premise_prompts", "8", "--premise_K", "4"]
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("sudoku"))
-    r = run_cli("--seeds", "1", "--n_pretrain", "200", "--n_distill", "64", "--n_test", "32", "--d_model", "32",
-                "--n_layers", "1", "--n_heads", "2", "--mlp_hidden_size", "64", "--pretrain_max_steps", "20",
-                "--eval_every", "10", "--steps", "2", "--prompts_per_step", "4", "--K", "2", "--out", out)
+    r = run_cli(*TINY, "--workers", "2", "--out", out)
     assert r.returncode == 0, r.stderr[-2000:]
     return out, r.stdout
 
@@ -190,6 +194,7 @@ def smoke(tmp_path_factory):
 def test_smoke_run_prints_table_and_writes_json(smoke):
     out, stdout = smoke
     lines = stdout.splitlines()
+    assert any("self-consistency gap" in line for line in lines)  # the premise, measured
     header = [i for i, l in enumerate(lines) if l.startswith("Model / # Tokens")]
     assert len(header) == 2  # cell accuracy and puzzles solved
     assert lines[header[0]].split()[-5:] == ["1", "2", "4", "8", "16"]
@@ -203,21 +208,99 @@ def test_smoke_run_prints_table_and_writes_json(smoke):
     for row, per_seed in res["results"].items():
         assert len(per_seed) == 1
         for n in ("1", "2", "4", "8", "16"):
-            r = per_seed[0][n]
-            assert 0 <= r["cell_acc"] <= 1 and 0 <= r["solved"] <= 1
+            r = per_seed[0]["test"][n]
+            assert 0 <= r["cell_acc"] <= 1 and 0 <= r["solved"] <= 1 and r["tpf"] == pytest.approx(int(n))
         if row != "Base":  # one list per training stage, one entry per optimiser step
             (stage,) = per_seed[0]["history"]
             assert len(stage) == 2 and all(np.isfinite(h["loss"]) for h in stage)
             if row == "COPSD":
                 assert all(h["d"] >= 0 for h in stage)
+            # the trained weights in model.py's layout, loadable
+            m = from_pretrained(os.path.join(per_seed[0]["dir"], "final"))
+            assert m.cfg.d_model == 32 and m.cfg.mask_token_id == sudoku.MASK_ID
     # the table prints the JSON's numbers
-    v = 100 * res["results"]["COPSD"][0]["16"]["cell_acc"]
+    v = 100 * res["results"]["COPSD"][0]["test"]["16"]["cell_acc"]
     assert f"{v:6.2f}" in table_rows[2]
-    # checkpoints in model.py's layout, loadable
-    for d in ("seed0-base-self", "seed0-copsd"):
-        m = from_pretrained(os.path.join(out, d))
-        assert m.cfg.d_model == 32 and m.cfg.mask_token_id == sudoku.MASK_ID
     assert any(e.startswith("base-") for e in os.listdir(out))
+
+
+def test_workers_give_the_serial_results(smoke, tmp_path):
+    """Independent runs in worker processes: the same numbers as one after the other; and a
+    rerun reads its cached runs."""
+    out, _ = smoke
+    r = run_cli(*TINY, "--workers", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = json.load(open(os.path.join(out, "results.json")))["results"]
+    b = json.load(open(os.path.join(tmp_path, "results.json")))["results"]
+    for row in ROWS:
+        assert a[row][0]["test"] == b[row][0]["test"] and a[row][0]["history"] == b[row][0]["history"]
+    t0 = time.time()
+    assert run_cli(*TINY, "--workers", "1", "--out", str(tmp_path)).returncode == 0
+    assert json.load(open(os.path.join(tmp_path, "results.json")))["results"] == b
+    assert time.time() - t0 < 60
+
+
+def test_several_solution_puzzles_and_their_score():
+    splits = sudoku.make_splits(0, 20, 10, 10, n_val=10, most=4)
+    seen = set()
+    for puzzles, sols in splits.values():
+        for p, s in zip(puzzles, sols):
+            assert 2 <= count_solutions(p) <= 4
+            assert valid_grid(s) and ((p == 0) | (p == s)).all()  # one of its solutions
+            assert p.tobytes() not in seen
+            seen.add(p.tobytes())
+    p = splits["test"][0][0]
+    a, b = sudoku.solutions(p)[:2]
+    blank = (p == 0).sum()
+    # any of its solutions solves it; a mix of two is scored against the nearer one
+    assert sudoku.score(a[None], p[None]) == dict(cell_acc=1.0, solved=1.0)
+    assert sudoku.score(b[None], p[None]) == dict(cell_acc=1.0, solved=1.0)
+    mix = np.where(np.arange(16) < 8, a, b)
+    r = sudoku.score(mix[None], p[None])
+    near = max(((mix == s) & (p == 0)).sum() for s in (a, b))
+    if not ((mix == a).all() or (mix == b).all()):
+        assert r["solved"] == 0.0 and r["cell_acc"] == pytest.approx(near / blank)
+
+
+class Constant(torch.nn.Module):
+    """Predictions that ignore the input: a perfectly self-consistent MDM."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, idx, attention_mask=None, start=0, end=None):
+        return self.logits.expand(len(idx), -1, -1)[:, start:end]
+
+
+class Contextual(Constant):
+    """Predictions that sharpen as more of the response is revealed: early and later views
+    disagree beyond what the later views' own spread explains."""
+
+    def forward(self, idx, attention_mask=None, start=0, end=None):
+        shown = (idx[:, sudoku.PROMPT_LEN:] != sudoku.MASK_ID).float().mean(1)[:, None, None]
+        return (self.logits * (1 + 8 * shown))[:, start:end]
+
+
+def test_self_consistency_measures_the_premise():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.full((1, 32, sudoku.VOCAB), -30.0)
+    logits[..., 1:5] = torch.randn(1, 32, 4, generator=g)  # digits only
+    puzzles = sudoku.make_splits(0, 0, 0, 32, n_val=0)["test"][0]
+    still = sudoku.self_consistency(Constant(logits), puzzles, K=8)
+    moving = sudoku.self_consistency(Contextual(logits), puzzles, K=8)
+    assert abs(still) < 1e-6 and moving > 1e-3
+
+
+def test_complete_fills_every_masked_cell_and_keeps_the_rest():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 32, sudoku.VOCAB, generator=g)
+    x = torch.randint(1, 5, (6, 32), generator=g)
+    x[:, :16] = sudoku.encode_prompt(np.zeros((6, 16), dtype=int))
+    x[:, 16:][torch.rand(6, 16, generator=g) < 0.7] = sudoku.MASK_ID
+    y = sudoku.complete(Constant(logits), x, g)
+    shown = x != sudoku.MASK_ID
+    assert torch.equal(y[shown], x[shown]) and not (y == sudoku.MASK_ID).any()
 
 
 def check_grid(stdout, puzzle):
@@ -236,7 +319,8 @@ def test_solve_with_cached_and_explicit_checkpoint(smoke):
     r = run_cli("--solve", puzzle, "--out", out, timeout=120)
     assert r.returncode == 0, r.stderr
     check_grid(r.stdout, puzzle)
-    r = run_cli("--solve", puzzle, "--ckpt", os.path.join(out, "seed0-copsd"), timeout=120)
+    res = json.load(open(os.path.join(out, "results.json")))["results"]
+    r = run_cli("--solve", puzzle, "--ckpt", os.path.join(res["COPSD"][0]["dir"], "final"), timeout=120)
     assert r.returncode == 0, r.stderr
     check_grid(r.stdout, puzzle)
 
