@@ -784,7 +784,7 @@ def estimate(cfg, n_runs):
     t = time.time()
     evaluate(model, data["val"], columns(c, [1, 16]))
     per_point = time.time() - t
-    runs = n_runs * (cfg.steps * per_step + cfg.steps / max(cfg.curve_every, 1) * per_point)
+    runs = n_runs * (cfg.steps * per_step + cfg.steps // (cfg.curve_every or 20) * per_point)
     bases = 3 * cfg.seeds * 600 * per_step / 4  # ~600 pretraining steps, a quarter the cost
     return (runs + bases) / max(cfg.workers, 1)
 
