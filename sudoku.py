@@ -89,16 +89,23 @@ def make_puzzle(grid, rng, most=1):
     return p
 
 
-def make_splits(seed, n_pretrain, n_distill, n_test, n_val=256, most=1):
+def make_splits(seed, n_pretrain, n_distill, n_test, n_val=256, most=1, blanks=None):
     """Disjoint sets of puzzles (make_puzzle(most); most > 1 keeps those with 2 or more
-    solutions): pretraining (with a solution, drawn among its solutions), self-distillation
-    prompts (puzzles only), validation and test. {split: (puzzles, solutions)}, (n, 16) each."""
+    solutions; blanks: unique puzzles with exactly that many random blank cells, as d1's
+    evaluation has 8): pretraining (with a solution, drawn among its solutions),
+    self-distillation prompts (puzzles only), validation and test.
+    {split: (puzzles, solutions)}, (n, 16) each."""
     rng = np.random.default_rng(seed)
     need, seen, puzzles = n_pretrain + n_distill + n_val + n_test, set(), []
     with bar(total=need, desc="puzzles") as progress:
         for _ in range(50 * need):
-            p = make_puzzle(grids()[rng.integers(len(grids()))], rng, most)
-            if p.tobytes() not in seen and (most == 1 or len(solutions(p)) > 1):
+            grid = grids()[rng.integers(len(grids()))]
+            if blanks is None:
+                p = make_puzzle(grid, rng, most)
+            else:
+                p = np.where(np.isin(np.arange(16), rng.choice(16, blanks, replace=False)), 0, grid)
+            n = len(solutions(p))
+            if p.tobytes() not in seen and (n == 1 if most == 1 else n > 1):
                 seen.add(p.tobytes())
                 puzzles.append(p)
                 progress.update()
@@ -875,7 +882,8 @@ def plot(results, out_dir, cols, cfg):
                         label=f"COPSD, {n} tokens/step")
             ax.axhline(acc(table["Base"], n)[0], ls=":", color="gray")
 
-    figure("table1.png", by_tokens(["Base"] + list(MAIN)), "blank cells correct (%)", "tokens per step", True)
+    figure("table1.png", by_tokens(["Base"] + list(MAIN)), "blank cells correct (%)",
+           "tokens per step", True)
     figure("related.png", by_tokens(["Base", "Base-Self", "COPSD", "SFT", "SFT + Base-Self",
                                      "SFT + COPSD", "SelFusion", "d-OPSD", "OPDLM"]),
            "blank cells correct (%)", "tokens per step", True)

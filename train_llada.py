@@ -79,6 +79,9 @@ class TrainConfig(MethodConfig):
     data_seed: int = flag(0, "seed of the Sudoku puzzles")
     n_train: int = flag(2000, "Sudoku prompts for self-distillation")
     n_eval: int = flag(256, "Sudoku evaluation puzzles (the paper: 256)")
+    sudoku_puzzles: str = flag("d1", "d1: unique puzzles with 8 blanks, as d1 and the paper "
+                                     "evaluate; minimal: the toy's (4-6 givens, much harder)",
+                               choices=("d1", "minimal"))
     # the method (Sec. 4; Table 3/4 ablations)
     method: str = flag("copsd", "copsd (Alg. 2), self (Base-Self, Alg. 1), sft (ground truth), "
                                 "selfusion or dopsd", choices=METHODS)
@@ -204,30 +207,40 @@ def sync(dev):
 CHAT = ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
-# d1's Sudoku prompt (diffu-GRPO): instructions, the puzzle as 16 digits (0 = blank), the answer
-# in <answer></answer>
-SUDOKU_PROMPT = """Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a \
-16-character string reading left-to-right, top-to-bottom, where '0' represents empty cells.
+# d1's Sudoku instruction (Zhao et al. 2025, eval/sudoku.py), verbatim: the user message is it,
+# a blank line and "Solve the following Sudoku puzzle: {16 digits, 0 = blank}"; the template
+# trims the message, and d1's evaluation prefills the answer with "<reasoning>"
+SUDOKU_PROMPT = "\n".join([
+    "",
+    "Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character "
+    "string reading left-to-right, top-to-bottom, where '0' represents empty cells.",
+    "",
+    "Rules:",
+    "- Fill empty cells with digits 1-4",
+    "- Each row must contain digits 1-4 exactly once",
+    "- Each column must contain digits 1-4 exactly once",
+    "- Each 2x2 box must contain digits 1-4 exactly once",
+    "",
+    "Important: Your solution must be a COMPLETE 16-character string with only the digits 1-4, "
+    "representing your final solved grid.",
+    "",
+    "Respond in this exact format:",
+    "<reasoning>",
+    "Your step-by-step solving process",
+    "</reasoning>",
+    "<answer>",
+    "[16-character solution string with no spaces or separators]",
+    "</answer>",
+    "",
+]) + "\n\nSolve the following Sudoku puzzle: {puzzle}\n"
 
-Rules:
-- Fill empty cells with digits 1-4
-- Each row must contain digits 1-4 exactly once
-- Each column must contain digits 1-4 exactly once
-- Each 2x2 box must contain digits 1-4 exactly once
-
-Important: Your solution must be a COMPLETE 16-character string with only the digits 1-4, \
-representing your final solved grid.
-
-Respond in this exact format:
-<reasoning>
-Your step-by-step solving process
-</reasoning>
-<answer>
-[16-character solution string with no spaces or separators]
-</answer>
-
-Solve the following Sudoku puzzle: {puzzle}
-"""
+# d1's answer extraction (eval/parse_and_get_acc.py): the first pattern that matches, on the
+# generation decoded with its special tokens
+D1_ANSWER = [r"<answer>.*?```\s*([\d\s]+)```",
+             r"<answer>(.*?)(?:<\|eot_id\|>|<\|endoftext\|>|</answer>)",
+             r"</answer>\s*(.*?)(?:<\|eot_id\|>|<\|endoftext\|>|$)",
+             r".*?(\d{16})\s*</answer>",
+             r"\b(\d{16})\b"]
 
 
 def load_tokenizer(path, mcfg):
@@ -262,24 +275,34 @@ def load_jsonl(path):
 
 
 def sudoku_rows(puzzles, sols):
-    return [{"prompt": SUDOKU_PROMPT.format(puzzle="".join(map(str, p))), "puzzle": p,
-             "solution": s, "answer": "<answer>\n" + "".join(map(str, s)) + "\n</answer>"}
+    """Sudoku prompts in d1's format; SFT's response closes the prefilled reasoning and gives
+    the solution (the data has no reasoning to imitate)."""
+    return [{"prompt": SUDOKU_PROMPT.format(puzzle="".join(map(str, p))), "prefill": "<reasoning>",
+             "puzzle": p, "solution": s,
+             "answer": "\n</reasoning>\n<answer>\n" + "".join(map(str, s)) + "\n</answer>"}
             for p, s in zip(puzzles, sols)]
 
 
 def make_data(cfg):
     """(train, eval) lists of {"prompt", "answer", ...}."""
     if cfg.task == "sudoku":
-        sp = sudoku.make_splits(cfg.data_seed, 0, cfg.n_train, cfg.n_eval, n_val=0)
+        sp = sudoku.make_splits(cfg.data_seed, 0, cfg.n_train, cfg.n_eval, n_val=0,
+                                blanks=8 if cfg.sudoku_puzzles == "d1" else None)
         return sudoku_rows(*sp["distill"]), sudoku_rows(*sp["test"])
     train = load_jsonl(cfg.data) if cfg.data else []
     return train, load_jsonl(cfg.eval_data) if cfg.eval_data else train
 
 
+def prompt_text(row):
+    """LLaDA-8B-Instruct's chat template (which trims the message) around the prompt, then the
+    response's prefill if any (d1's Sudoku evaluation starts the answer with "<reasoning>")."""
+    return CHAT.format(prompt=row["prompt"].strip()) + row.get("prefill", "")
+
+
 def tokenize(rows, tok, mcfg, cfg):
     """Each row's prompt ids under the chat template; for SFT also its response: the answer,
     <|eot_id|>, then EOS padding as in LLaDA's SFT."""
-    texts = [CHAT.format(prompt=r["prompt"]) for r in rows]
+    texts = [prompt_text(r) for r in rows]
     for r, enc in zip(rows, tok.encode_batch(texts, add_special_tokens=False)):
         r["ids"] = enc.ids
         if len(enc.ids) + cfg.gen_length > mcfg.max_sequence_length:
@@ -305,11 +328,25 @@ def make_batch(rows, mcfg, dev):
                 answers=None if answers is None else answers.to(dev))
 
 
-def response_text(tok, ids, mcfg):
-    """The generated text up to the first <|eot_id|> or EOS."""
+def response_text(tok, ids, mcfg, task):
+    """The generated text: for Sudoku all of it with its special tokens (what d1's parser
+    reads), else up to the first <|eot_id|> or EOS."""
+    if task == "sudoku":
+        return tok.decode(ids, skip_special_tokens=False)
     stops = {mcfg.eos_token_id, tok.token_to_id("<|eot_id|>")}
     cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
     return tok.decode(ids[:cut], skip_special_tokens=True)
+
+
+def d1_answer(text):
+    """d1's reading of a Sudoku answer: the first matching pattern's text without whitespace,
+    padded with 0 or cut to 16 characters (compared cell by cell: a non-digit is a wrong cell);
+    "0" * 16 (nothing right) where none matches."""
+    for pattern in D1_ANSWER:
+        m = re.search(pattern, text, re.DOTALL)
+        if m and m.group(1).strip():
+            return (re.sub(r"\s", "", m.group(1)) + "0" * 16)[:16]
+    return "0" * 16
 
 
 def last_number(text):
@@ -320,15 +357,9 @@ def last_number(text):
 def score(task, texts, rows):
     """Sudoku: the fraction of blank cells filled correctly (App. A.1) and of puzzles solved;
     GSM8K: whether the response's last number equals the reference's (after '####')."""
-    if task == "sudoku":
-        filled = []
-        for text in texts:
-            inner = text.rsplit("<answer>", 1)[-1].split("</answer>")[0] * ("<answer>" in text)
-            digits = re.findall(r"\d", inner)
-            runs = re.findall(r"\d{16}", text)
-            cells = digits[:16] if len(digits) >= 16 else (list(runs[-1]) if runs else ["0"] * 16)
-            filled.append([int(c) for c in cells])
-        return sudoku.score(np.array(filled), np.stack([r["puzzle"] for r in rows]),
+    if task == "sudoku":  # d1's score: the reference solution's cells, among the blanks
+        filled = np.array([[int(c) if c in "1234" else 0 for c in d1_answer(t)] for t in texts])
+        return sudoku.score(filled, np.stack([r["puzzle"] for r in rows]),
                             np.stack([r["solution"] for r in rows]))
     gold = [last_number(r["answer"].split("####")[-1]) for r in rows]
     pred = [last_number(t) for t in texts]
@@ -514,7 +545,7 @@ def evaluate(model, mcfg, tok, rows, cfg, dev):
                 b = make_batch(mine[i:i + eb], mcfg, dev)
                 seq, states = copsd.generate(model, b["prompt"], b["attn"], mcfg.mask_token_id,
                                              record=True, **kw)
-                texts += [response_text(tok, s.tolist(), mcfg)
+                texts += [response_text(tok, s.tolist(), mcfg, cfg.task)
                           for s in seq[:, b["prompt"].shape[1]:].cpu()]
                 tpf.append(copsd.tokens_per_forward(states, mcfg.mask_token_id))
             everyone = [None] * world

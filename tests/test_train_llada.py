@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import fields
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import model as M  # noqa: E402
+import sudoku  # noqa: E402
 import train_llada as T  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|mdm_mask|>"]
@@ -296,3 +298,73 @@ def test_bench_rates_are_consistent_with_their_times(tiny_dir, tmp_path, capsys)
         assert float(rate) * float(secs) == pytest.approx(B * 32, rel=0.02), key
         assert float(tpf) == 2.0 if "—" in key else float(tpf) >= 1.0
         assert float(floor.split()[0]) > 0 and float(ratio) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# LLaDA-8B's Sudoku task as d1 and the paper evaluate it
+
+# d1's user message for one puzzle (its eval/sudoku.py instruction, a blank line, the question)
+D1_MESSAGE = """
+Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string reading left-to-right, top-to-bottom, where '0' represents empty cells.
+
+Rules:
+- Fill empty cells with digits 1-4
+- Each row must contain digits 1-4 exactly once
+- Each column must contain digits 1-4 exactly once
+- Each 2x2 box must contain digits 1-4 exactly once
+
+Important: Your solution must be a COMPLETE 16-character string with only the digits 1-4, representing your final solved grid.
+
+Respond in this exact format:
+<reasoning>
+Your step-by-step solving process
+</reasoning>
+<answer>
+[16-character solution string with no spaces or separators]
+</answer>
+
+
+Solve the following Sudoku puzzle: 3102200002100320
+"""
+
+
+def test_d1_prompt_and_puzzles():
+    cfg = T.parse_config(T.TrainConfig, ["--n_train", "40", "--n_eval", "30"])
+    train, ev = T.make_data(cfg)
+    assert len(train) == 40 and len(ev) == 30
+    seen = set()
+    for r in train + ev:
+        p = r["puzzle"]
+        assert (p == 0).sum() == 8 and len(sudoku.solutions(p)) == 1  # d1: 8 blanks; unique
+        assert ((p == 0) | (p == r["solution"])).all() and p.tobytes() not in seen  # disjoint
+        seen.add(p.tobytes())
+        assert r["prefill"] == "<reasoning>"
+    assert T.SUDOKU_PROMPT.format(puzzle="3102200002100320") == D1_MESSAGE
+    # LLaDA's chat template trims the message; d1 prefills the reasoning
+    text = T.prompt_text({"prompt": D1_MESSAGE, "prefill": "<reasoning>"})
+    assert text == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n" + D1_MESSAGE.strip()
+                    + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<reasoning>")
+    minimal = T.make_data(T.parse_config(T.TrainConfig, ["--n_train", "4", "--n_eval", "4",
+                                                          "--sudoku_puzzles", "minimal"]))[1]
+    assert all((r["puzzle"] == 0).sum() >= 10 for r in minimal)  # the toy's harder puzzles
+
+
+def test_d1_answer_parsing_and_score():
+    puzzle = np.array([int(c) for c in "3102200002100320"])
+    sol = "3142243142131324"
+    rows = [{"puzzle": puzzle, "solution": np.array([int(c) for c in sol])}]
+
+    def acc(text):
+        return T.score("sudoku", [text], rows)["cell_acc"]
+
+    assert acc(f"\nsteps\n</reasoning>\n<answer>\n{sol}\n</answer><|eot_id|><|endoftext|>") == 1.0
+    assert acc(f"</reasoning>\n<answer>\n{sol}<|eot_id|>") == 1.0  # no </answer>: the EOT ends it
+    assert acc(f"reasoning that ends with the grid {sol}") == 1.0  # a bare 16-digit run
+    assert acc(f"<answer>\n{sol[:4]} {sol[4:8]}\n{sol[8:]}\n</answer>") == 1.0  # spaces dropped
+    # malformed answers score 0 and raise nothing: no answer, brackets, a dropped digit
+    assert acc("I cannot solve this") == 0.0
+    assert acc("<answer>[" + sol + "]</answer>") < 1.0  # compared cell by cell, "[" shifts all
+    dropped = sol[:2] + sol[3:]  # 15 digits: padded with 0, so the cells after the gap are wrong
+    blanks = [i for i in range(16) if puzzle[i] == 0]
+    expect = sum((dropped + "0")[i] == sol[i] for i in blanks) / len(blanks)
+    assert acc(f"<answer>\n{dropped}\n</answer>") == pytest.approx(expect) and expect < 1
