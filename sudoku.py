@@ -597,31 +597,35 @@ RUN_FIELDS = PRETRAIN_FIELDS + [f.name for f in fields(MethodConfig)] + [
 def run_row(cfg, seed, stages, flags, keep=False):
     """Train one row from the seed's base (OPDLM: from its AR teacher made bidirectional) and
     evaluate it on the test split. keep: save the weights at every curve point (the study then
-    evaluates the test split at the point chosen on validation). Cached; returns
-    {"test": {column: scores}, "history", "curve", "dir"}."""
+    evaluates the test split at the point chosen on validation, not at the end). The training
+    is cached by what determines it, each evaluation by its decoding settings too. Returns
+    {"test": {column: scores} or None, "history", "curve", "dir"}."""
     c = dataclasses.replace(cfg, **flags)
-    key = digest(seed, stages, [getattr(c, f) for f in RUN_FIELDS], keep, columns(c))
-    d = os.path.join(cfg.out, "runs", f"{'+'.join(stages) or 'base'}-{key}")
-    if os.path.exists(os.path.join(d, "result.json")):
-        return read_json(os.path.join(d, "result.json"))
-    data, base = regime_data(c, seed), pretrain(c, seed)
-    model, teacher, history, curve = from_pretrained(base), None, [], []
-    if stages == ["opdlm"]:
-        budget = model.cfg.extra["pretrain_steps"]
-        teacher = from_pretrained(pretrain(c, seed, causal=True, budget=budget))
-        teacher.requires_grad_(False)
-        model = from_pretrained(pretrain(c, seed, causal=True, budget=budget))
-        model.cfg = dataclasses.replace(model.cfg, causal=False)
-    for i, method in enumerate(stages):
-        history.append(post_train(model, c, data, method, seed, teacher, curve,
-                                  start=i * c.steps, keep=d if keep else None))
-    # with kept checkpoints the test split waits for the budget chosen on validation
-    result = dict(test=None if keep else evaluate(model, data["test"], columns(c)),
-                  history=history, curve=curve, dir=d)
-    os.makedirs(d, exist_ok=True)
-    save_pretrained(os.path.join(d, "final"), model.cfg, model.state_dict())
-    atomic_json(os.path.join(d, "result.json"), result)
-    return result
+    key = digest(seed, stages, keep, [getattr(c, f) for f in RUN_FIELDS])
+    d = os.path.join(cfg.out, "runs", f"{'+'.join(stages)}-{key}")
+    if not os.path.exists(os.path.join(d, "result.json")):
+        data, base = regime_data(c, seed), pretrain(c, seed)
+        model, teacher, history, curve = from_pretrained(base), None, [], []
+        if stages == ["opdlm"]:
+            budget = model.cfg.extra["pretrain_steps"]
+            teacher = from_pretrained(pretrain(c, seed, causal=True, budget=budget))
+            teacher.requires_grad_(False)
+            model = from_pretrained(pretrain(c, seed, causal=True, budget=budget))
+            model.cfg = dataclasses.replace(model.cfg, causal=False)
+        for i, method in enumerate(stages):
+            history.append(post_train(model, c, data, method, seed, teacher, curve,
+                                      start=i * c.steps, keep=d if keep else None))
+        os.makedirs(d, exist_ok=True)
+        save_pretrained(os.path.join(d, "final"), model.cfg, model.state_dict())
+        atomic_json(os.path.join(d, "result.json"), dict(history=history, curve=curve, dir=d))
+    result = read_json(os.path.join(d, "result.json"))
+    if keep:
+        return dict(result, test=None)
+    path = os.path.join(d, f"test-{digest(columns(c))}.json")
+    if not os.path.exists(path):
+        model = from_pretrained(os.path.join(d, "final"))
+        atomic_json(path, evaluate(model, regime_data(c, seed)["test"], columns(c)))
+    return dict(result, test=read_json(path))
 
 
 def base_row(cfg, seed):

@@ -240,6 +240,21 @@ def test_workers_give_the_serial_results(smoke, tmp_path):
     assert time.time() - t0 < 60
 
 
+def test_decoding_settings_reevaluate_the_cached_runs(smoke):
+    """--cache / --threshold change the evaluation only: the trained runs are read back, not
+    retrained; threshold decoding is one column with its tokens per forward."""
+    out, _ = smoke
+    before = json.load(open(os.path.join(out, "results.json")))["results"]
+    for flags, column in ((["--cache", "dual"], "16"), (["--threshold", "0.5"], "τ=0.5")):
+        t0 = time.time()
+        r = run_cli(*TINY, *flags, "--workers", "2", "--out", out, "--results", "decoding.json")
+        assert r.returncode == 0, r.stderr[-2000:]
+        res = json.load(open(os.path.join(out, "decoding.json")))["results"]
+        assert time.time() - t0 < 60 and column in res["COPSD"][0]["test"]
+        assert res["COPSD"][0]["history"] == before["COPSD"][0]["history"]  # not retrained
+        assert res["COPSD"][0]["test"][column]["tpf"] >= 1
+
+
 def test_several_solution_puzzles_and_their_score():
     splits = sudoku.make_splits(0, 20, 10, 10, n_val=10, most=4)
     seen = set()
