@@ -438,14 +438,18 @@ def gathered(model, keep):
 # model FLOPs, counted analytically from the shapes (as nanoGPT's estimate_mfu)
 
 
+def block_weights(c):
+    """The weights each token is multiplied by in the blocks: q, k, v, out, and the MLP's three."""
+    return c.n_layers * (c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+                         + c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size)
+
+
 def forward_flops(c, rows, q, kv=None, head=0):
     """One forward of `rows` rows over q positions attending to kv keys (default q), the output
     head on `head` of them: 2 FLOPs per weight per token, 4 q kv d per layer for attention's two
     products, 2 d V per head position. A backward costs twice a forward."""
-    per_token = c.n_layers * (c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-                              + c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size)
     kv = q if kv is None else kv
-    return rows * (2 * q * per_token + 4 * c.n_layers * q * kv * c.d_model
+    return rows * (2 * q * block_weights(c) + 4 * c.n_layers * q * kv * c.d_model
                    + 2 * head * c.d_model * c.embedding_size)
 
 
@@ -466,9 +470,7 @@ def sampler_flops(c, cfg, rows, P, forwards, cache):
 def sampler_bytes(c, rows, S, forwards, cache):
     """The fewest bytes generate moves: every call reads the bf16 weights once (the embedding
     only at its rows), and a cached call reads the K/V cache of all S positions."""
-    weights = 2 * (c.n_layers * (c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-                                 + c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size)
-                   + c.d_model * c.embedding_size)
+    weights = 2 * (block_weights(c) + c.d_model * c.embedding_size)
     kv = 2 * 2 * c.n_layers * rows * c.n_kv_heads * S * c.head_dim
     n = sum(forwards)
     return n * weights + (0 if cache == "none" else (n - len(forwards)) * kv)
