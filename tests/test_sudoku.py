@@ -177,10 +177,11 @@ def test_typo_is_a_one_line_argparse_error(args, choice):
 
 
 ROWS = ["Base", "Base-Self", "COPSD"]
-TINY = ["--seeds", "1", "--n_pretrain", "200", "--n_distill", "64", "--n_test", "32", "--d_model", "32",
-        "--n_layers", "1", "--n_heads", "2", "--mlp_hidden_size", "64", "--pretrain_max_steps", "20",
-        "--eval_every", "10", "--steps", "2", "--prompts_per_step", "4", "--K", "2", "--no-readings",
-        "--premise_prompts", "8", "--premise_K", "4"]
+TINY_MODEL = ["--n_pretrain", "200", "--n_distill", "64", "--n_test", "32", "--d_model", "32",
+              "--n_layers", "1", "--n_heads", "2", "--mlp_hidden_size", "64", "--pretrain_max_steps",
+              "20", "--eval_every", "10", "--prompts_per_step", "4", "--K", "2", "--premise_prompts",
+              "8", "--premise_K", "4"]
+TINY = TINY_MODEL + ["--seeds", "1", "--steps", "2", "--no-readings"]
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +254,33 @@ def test_decoding_settings_reevaluate_the_cached_runs(smoke):
         assert time.time() - t0 < 60 and column in res["COPSD"][0]["test"]
         assert res["COPSD"][0]["history"] == before["COPSD"][0]["history"]  # not retrained
         assert res["COPSD"][0]["test"][column]["tpf"] >= 1
+
+
+def test_study_end_to_end(tmp_path):
+    """--study on a tiny configuration: every regime and row, the budget and learning rate chosen
+    as the validation argmax, test scores at that choice, the figures."""
+    r = run_cli(*TINY_MODEL, "--study", "--seeds", "1", "--steps", "4", "--curve_every", "2",
+                "--opdlm_steps", "4", "--study_lrs", "1e-4,3e-4", "--workers", "2",
+                "--out", str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "estimated" in r.stdout.splitlines()[0]
+    res = json.load(open(os.path.join(tmp_path, "study.json")))["results"]
+    assert list(res) == ["minimal", "early", "multi"]
+    for regime, got in res.items():
+        best = max(got["choice"], key=lambda c: c["val"])
+        assert (got["lr"], got["steps"]) == (best["lr"], best["step"])
+        assert {c["step"] for c in got["choice"]} == {2, 4} and len(got["choice"]) == 4
+        table = got["table"]
+        assert {"Base", "COPSD", "COPSD (later, forward)", "SFT + COPSD", "COPSD with Z", "OPDLM",
+                "COPSD s/T=0.1"} <= set(table)
+        for row, runs in table.items():
+            assert all(0 <= runs[0]["test"][n]["cell_acc"] <= 1 for n in ("1", "16")), row
+        # the chosen point's validation score is the mean over the Table 1 rows of their curves
+        curves = [table[name][0]["curve"] for name in sudoku.MAIN]
+        at = [p for c in curves for p in c if p["step"] == got["steps"]]
+        assert np.mean([(p["val1"] + p["val16"]) / 2 for p in at]) == pytest.approx(best["val"])
+    figures = os.listdir(os.path.join(tmp_path, "figures"))
+    assert sorted(figures) == ["curves.png", "figure2.png", "figure3.png", "related.png", "table1.png"]
 
 
 def test_several_solution_puzzles_and_their_score():
