@@ -751,8 +751,6 @@ def study(cfg):
         out[r] = dict(lr=lr, steps=step, choice=[dict(lr=a, step=b, val=v)
                                                  for (a, b), v in scores.items()],
                       base=bases[i * cfg.seeds:(i + 1) * cfg.seeds],
-                      curves={name: [res["curve"] for key, res in mine
-                                     if key[1] == lr and key[2] == name] for name in MAIN},
                       runs={(key[2], key[3]): res for key, res in mine if key[1] == lr})
     tests = parallel([(evaluate_at, regimes[r], s, out[r]["runs"][(name, s)]["dir"],
                        out[r]["steps"]) for r in regimes for name in MAIN for s in seeds],
