@@ -1,8 +1,9 @@
 """
 4x4 Sudoku on a laptop CPU: when does on-policy self-distillation fix parallel decoding?
 
-    python sudoku.py                  # the default regime: Base, Base-Self, COPSD and its
-                                      #   readings, Table 1 over 3 seeds (~15 min; rerun: seconds)
+    python sudoku.py                  # the early regime: Base, Base-Self and COPSD over 3 seeds
+                                      #   (~14 min on 2 cores; rerun: seconds)
+    python sudoku.py --readings       # + a row for each other reading of Eq. 6
     python sudoku.py --regime minimal # another regime (minimal, early, multi)
     python sudoku.py --ablations --s_sweep   # + Table 4's rows and Figure 3's s/T sweep
     python sudoku.py --methods base,self,copsd,sft,sft+copsd,selfusion,dopsd,opdlm
@@ -337,10 +338,10 @@ class Config(MethodConfig):
     # post-training: every method the same budget, chosen on validation by --study
     methods: tuple = flag(("base", "self", "copsd"), "table rows: base (no training), a method, "
                           "or sft+METHOD (SFT, then METHOD)", choices=("base",) + METHODS)
-    readings: bool = flag(True, "add a COPSD row for each other reading of Eq. 6 (--objective)")
-    steps: int = flag(120, "optimiser steps of every method (chosen by --study on validation)")
+    readings: bool = flag(False, "add a COPSD row for each other reading of Eq. 6 (--objective)")
+    steps: int = flag(20, "optimiser steps of every method (the study's choice on validation)")
     prompts_per_step: int = flag(8, "prompts per optimiser step")
-    lr: float = flag(1e-4, "AdamW learning rate of every method (chosen by --study)")
+    lr: float = flag(3e-5, "AdamW learning rate of every method (the study's choice)")
     opdlm_lr: float = flag(3e-4, "OPDLM's learning rate (its student starts as a next-token "
                                  "predictor)")
     opdlm_steps: int = flag(400, "OPDLM's own budget: converting an AR model takes longer")
@@ -354,6 +355,9 @@ class Config(MethodConfig):
     study: bool = flag(False, "every regime, every row, budgets and learning rate chosen per "
                               "regime on validation, figures (hours: prints its estimate first)")
     study_lrs: tuple = flag((3e-5, 1e-4), "--study: the learning rates to choose from")
+    study_regimes: tuple = flag(("minimal", "early", "multi"), "--study: the regimes (each is "
+                                "independent: split a study over machines, then run it whole "
+                                "from the merged cache)", choices=("minimal", "early", "multi"))
     premise_prompts: int = flag(64, "prompts for the self-consistency measurement")
     premise_K: int = flag(16, "completions per prompt for the self-consistency measurement")
     # evaluation
@@ -645,9 +649,12 @@ def base_row(cfg, seed):
 
 
 def evaluate_at(cfg, seed, run_dir, step):
-    """A kept checkpoint of a run, on the test split."""
-    model = from_pretrained(os.path.join(run_dir, f"step-{step}"))
-    return evaluate(model, regime_data(cfg, seed)["test"], columns(cfg))
+    """A kept checkpoint of a run, on the test split (cached beside the run)."""
+    path = os.path.join(run_dir, f"test-{step}-{digest(columns(cfg))}.json")
+    if not os.path.exists(path):
+        model = from_pretrained(os.path.join(run_dir, f"step-{step}"))
+        atomic_json(path, evaluate(model, regime_data(cfg, seed)["test"], columns(cfg)))
+    return read_json(path)
 
 
 def one_thread():
@@ -684,7 +691,9 @@ def run(cfg):
     t0 = time.time()
     rows = {"Base": ([], {})} | {k: v for k, v in rows_of(cfg).items() if v[0]}
     os.makedirs(cfg.out, exist_ok=True)
-    parallel([(pretrain, cfg, seed) for seed in range(cfg.seeds)], cfg.workers, "bases")
+    # one process per base: they are the longest tasks, and a second wave would idle a core
+    parallel([(pretrain, cfg, seed) for seed in range(cfg.seeds)], max(cfg.workers, cfg.seeds),
+             "bases")
     tasks = [(base_row, cfg, seed) if not stages else (run_row, cfg, seed, stages, flags)
              for stages, flags in rows.values() for seed in range(cfg.seeds)]
     done = iter(parallel(tasks, cfg.workers, "rows"))
@@ -729,7 +738,7 @@ def study(cfg):
     t0 = time.time()
     regimes = {r: dataclasses.replace(cfg, regime=r, objective="paper",
                                       curve_every=cfg.curve_every or 20)
-               for r in ("minimal", "early", "multi")}
+               for r in cfg.study_regimes}
     seeds = range(cfg.seeds)
     sweep = {f"COPSD s/T={s}": (["copsd"], dict(s=s)) for s in cfg.sweep_s}
     n_runs = len(regimes) * cfg.seeds * (len(MAIN) * len(cfg.study_lrs) + len(OTHER) + len(sweep))
@@ -833,6 +842,8 @@ def plot(results, out_dir, cols, cfg):
     os.makedirs(out_dir, exist_ok=True)
     regimes = list(results)
     ns = [int(n) for n in cols]
+    hues = [plt.cm.tab20(j) for j in [*range(0, 20, 2), *range(1, 20, 2)]]
+    color = dict(zip(["Base", *MAIN, *OTHER], hues))  # a row keeps its color in every figure
 
     def acc(runs, n):
         v = 100 * np.array([r["test"][n]["cell_acc"] for r in runs])
@@ -857,23 +868,24 @@ def plot(results, out_dir, cols, cfg):
         def draw(ax, table):
             for row in names:
                 m = np.array([acc(table[row], n) for n in cols])
-                ax.errorbar(ns, m[:, 0], yerr=m[:, 1], marker="o", ms=3, capsize=2, label=row)
+                ax.errorbar(ns, m[:, 0], yerr=m[:, 1], marker="o", ms=3, capsize=2, label=row,
+                            color=color[row])
         return draw
 
     def curves(ax, table):
-        for i, row in enumerate(list(MAIN) + ["SFT", "SelFusion", "d-OPSD"]):
+        for row in list(MAIN) + ["SFT", "SelFusion", "d-OPSD"]:
             runs = [r["curve"] for r in table[row]]
             steps = [p["step"] for p in runs[0]]
             for key, style in (("val1", "-"), ("val16", "--")):
                 v = 100 * np.array([[p[key] for p in c] for c in runs]).mean(0)
                 ax.plot([0] + steps, [100 * np.mean([b["val"][key[3:]]["cell_acc"]
                                                      for b in table["Base"]])] + list(v),
-                        style, color=f"C{i}", label=row if key == "val1" else None)
+                        style, color=color[row], label=row if key == "val1" else None)
 
     def distance(ax, table):
         for row in [name for name in MAIN if name.startswith("COPSD")]:
             d = np.array([[h["d"] for h in r["history"][0]] for r in table[row]]).mean(0)
-            ax.plot(np.convolve(d, np.ones(5) / 5, mode="valid"), label=row)
+            ax.plot(np.convolve(d, np.ones(5) / 5, mode="valid"), label=row, color=color[row])
 
     def s_sweep(ax, table):
         values = sorted([cfg.s] + list(cfg.sweep_s))

@@ -1,8 +1,10 @@
 """sudoku.py: grids, puzzles, splits, the metric, input checking, the CLI end to end."""
 
 import dataclasses
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -281,6 +283,16 @@ def test_study_end_to_end(tmp_path):
         assert np.mean([(p["val1"] + p["val16"]) / 2 for p in at]) == pytest.approx(best["val"])
     figures = os.listdir(os.path.join(tmp_path, "figures"))
     assert sorted(figures) == ["curves.png", "figure2.png", "figure3.png", "related.png", "table1.png"]
+    # a study split over machines merges through the cache: results and test scores alone
+    # (no kept checkpoints) give one regime's tables again, unchanged
+    for d in glob.glob(os.path.join(tmp_path, "runs", "*", "step-*")):
+        shutil.rmtree(d)
+    r = run_cli(*TINY_MODEL, "--study", "--seeds", "1", "--steps", "4", "--curve_every", "2",
+                "--opdlm_steps", "4", "--study_lrs", "1e-4,3e-4", "--workers", "2",
+                "--study_regimes", "early", "--out", str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.load(open(os.path.join(tmp_path, "study.json")))["results"]
+    assert list(again) == ["early"] and again["early"] == res["early"]
 
 
 def test_several_solution_puzzles_and_their_score():
