@@ -2,7 +2,7 @@
 4x4 Sudoku on a laptop CPU: when does on-policy self-distillation fix parallel decoding?
 
     python sudoku.py                  # the early regime: Base, Base-Self and COPSD over 3 seeds
-                                      #   (~14 min on 2 cores; rerun: seconds)
+                                      #   (~13 min on 2 cores; rerun: seconds)
     python sudoku.py --readings       # + a row for each other reading of Eq. 6
     python sudoku.py --regime minimal # another regime (minimal, early, multi)
     python sudoku.py --ablations --s_sweep   # + Table 4's rows and Figure 3's s/T sweep
@@ -355,6 +355,8 @@ class Config(MethodConfig):
     study: bool = flag(False, "every regime, every row, budgets and learning rate chosen per "
                               "regime on validation, figures (hours: prints its estimate first)")
     study_lrs: tuple = flag((3e-5, 1e-4), "--study: the learning rates to choose from")
+    study_steps: int = flag(120, "--study: the learning curves' length, the longest budget it "
+                                 "can choose")
     study_regimes: tuple = flag(("minimal", "early", "multi"), "--study: the regimes (each is "
                                 "independent: split a study over machines, then run it whole "
                                 "from the merged cache)", choices=("minimal", "early", "multi"))
@@ -736,6 +738,7 @@ def study(cfg):
     curves; the budget and learning rate chosen on validation (choose); then the other rows
     (SFT, Table 4, Figure 3, the related methods) at that choice; test scores; figures."""
     t0 = time.time()
+    cfg = dataclasses.replace(cfg, steps=cfg.study_steps)
     regimes = {r: dataclasses.replace(cfg, regime=r, objective="paper",
                                       curve_every=cfg.curve_every or 20)
                for r in cfg.study_regimes}

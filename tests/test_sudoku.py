@@ -261,7 +261,7 @@ def test_decoding_settings_reevaluate_the_cached_runs(smoke):
 def test_study_end_to_end(tmp_path):
     """--study on a tiny configuration: every regime and row, the budget and learning rate chosen
     as the validation argmax, test scores at that choice, the figures."""
-    r = run_cli(*TINY_MODEL, "--study", "--seeds", "1", "--steps", "4", "--curve_every", "2",
+    r = run_cli(*TINY_MODEL, "--study", "--seeds", "1", "--study_steps", "4", "--curve_every", "2",
                 "--opdlm_steps", "4", "--study_lrs", "1e-4,3e-4", "--workers", "2",
                 "--out", str(tmp_path), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -287,7 +287,7 @@ def test_study_end_to_end(tmp_path):
     # (no kept checkpoints) give one regime's tables again, unchanged
     for d in glob.glob(os.path.join(tmp_path, "runs", "*", "step-*")):
         shutil.rmtree(d)
-    r = run_cli(*TINY_MODEL, "--study", "--seeds", "1", "--steps", "4", "--curve_every", "2",
+    r = run_cli(*TINY_MODEL, "--study", "--seeds", "1", "--study_steps", "4", "--curve_every", "2",
                 "--opdlm_steps", "4", "--study_lrs", "1e-4,3e-4", "--workers", "2",
                 "--study_regimes", "early", "--out", str(tmp_path), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
