@@ -625,13 +625,7 @@ def run_row(cfg, seed, stages, flags, keep=False):
         save_pretrained(os.path.join(d, "final"), model.cfg, model.state_dict())
         atomic_json(os.path.join(d, "result.json"), dict(history=history, curve=curve, dir=d))
     result = read_json(os.path.join(d, "result.json"))
-    if keep:
-        return dict(result, test=None)
-    path = os.path.join(d, f"test-{digest(columns(c))}.json")
-    if not os.path.exists(path):
-        model = from_pretrained(os.path.join(d, "final"))
-        atomic_json(path, evaluate(model, regime_data(c, seed)["test"], columns(c)))
-    return dict(result, test=read_json(path))
+    return dict(result, test=None if keep else test_scores(c, seed, d, "final"))
 
 
 def base_row(cfg, seed):
@@ -650,13 +644,20 @@ def base_row(cfg, seed):
     return result
 
 
-def evaluate_at(cfg, seed, run_dir, step):
-    """A kept checkpoint of a run, on the test split (cached beside the run)."""
-    path = os.path.join(run_dir, f"test-{step}-{digest(columns(cfg))}.json")
+def test_scores(cfg, seed, run_dir, ckpt):
+    """A run's checkpoint (final, or step-N kept for the study) on the test split, cached beside
+    the run by the decoding settings: a study merged from several machines needs no weights."""
+    tag = "" if ckpt == "final" else f"{ckpt.split('-')[1]}-"
+    path = os.path.join(run_dir, f"test-{tag}{digest(columns(cfg))}.json")
     if not os.path.exists(path):
-        model = from_pretrained(os.path.join(run_dir, f"step-{step}"))
+        model = from_pretrained(os.path.join(run_dir, ckpt))
         atomic_json(path, evaluate(model, regime_data(cfg, seed)["test"], columns(cfg)))
     return read_json(path)
+
+
+def evaluate_at(cfg, seed, run_dir, step):
+    """A kept checkpoint of a run, on the test split."""
+    return test_scores(cfg, seed, run_dir, f"step-{step}")
 
 
 def one_thread():
