@@ -169,7 +169,7 @@ def top_k_mask(scores, k, k_max=None):
 @torch.no_grad()
 def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=32, steps=128,
              temperature=0.0, remasking="low_confidence", generator=None, record=False,
-             cache="none", threshold=None, cfg_scale=0.0, logits_eos_inf=False,
+             cache="none", refresh=0, threshold=None, cfg_scale=0.0, logits_eos_inf=False,
              confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
              confidence_dtype=torch.float64, cuda_graph=False, stats=None):
     """LLaDA's sampler: the reverse process of Eq. 1, n = block_length / steps-per-block tokens
@@ -187,6 +187,8 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
     Faster, approximate decoding (Fast-dLLM): cache="prefix" or "dual" keeps every layer's K/V
     from a full forward at each block's first step; the block's other steps recompute only the
     block and what follows it (prefix) or the block alone (dual), attending to the cached rest.
+    refresh=r > 0 also runs the full forward (refreshing the whole cache) every r-th step of a
+    block: the cached prompt then sees the tokens decoded since (0: Fast-dLLM's block start only).
     threshold: a step unmasks every candidate whose confidence is >= threshold, at least the
     most confident one, until the block is done (then `steps` is only the block count's
     multiple). LLaDA's options: cfg_scale (classifier-free guidance against the prompt masked),
@@ -225,7 +227,8 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
         i = 0
         while (i < len(k_max) if threshold is None else
                i < block_length and (x[:, lo:hi] == mask_id).any()):
-            full = cache == "none" or i == 0  # the cache's forward, or no cache
+            # the cache's forward (at the block's start, and every `refresh` steps), or no cache
+            full = cache == "none" or i == 0 or (refresh > 0 and i % refresh == 0)
             w_lo, w_hi = (0, S) if full else (lo, S if cache == "prefix" else hi)
             c_lo = P if full and earlier else lo  # the candidates' span: c_lo..hi
             inp = x if cfg_scale == 0 else torch.cat([x, unconditional(x, P, mask_id)])

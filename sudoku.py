@@ -193,9 +193,11 @@ def score(filled, puzzles, sols=None):
 def columns(cfg, ns=None):
     """The evaluation's decoding settings {column: generate's options}: n tokens per step (one
     block of 16) with cfg.cache, or, with cfg.threshold, one column of threshold decoding."""
+    # refresh only when set: these options key the evaluations cached before it existed
+    cache = dict(cache=cfg.cache) | ({"refresh": cfg.refresh} if cfg.refresh else {})
     if cfg.threshold:
-        return {f"τ={cfg.threshold}": dict(steps=1, threshold=cfg.threshold, cache=cfg.cache)}
-    return {str(n): dict(steps=GEN_LEN // n, cache=cfg.cache) for n in ns or cfg.tokens_per_step}
+        return {f"τ={cfg.threshold}": dict(steps=1, threshold=cfg.threshold, **cache)}
+    return {str(n): dict(steps=GEN_LEN // n, **cache) for n in ns or cfg.tokens_per_step}
 
 
 def evaluate(model, split, cols, batch=512):
@@ -367,6 +369,8 @@ class Config(MethodConfig):
                                   "(Table 1's columns)")
     cache: str = flag("none", "K/V cache in evaluation (one block of 16: prefix and dual are "
                               "the same)", choices=("none", "prefix", "dual"))
+    refresh: int = flag(0, "with --cache: also refresh the whole cache every this many steps of "
+                           "a block (0: at the block's start only, as Fast-dLLM)")
     threshold: float = flag(0.0, "confidence-threshold decoding in evaluation: one column, with "
                                  "its tokens per forward; 0 = off")
     solve: str = flag("", "solve this puzzle (16 digits 0-4, 0 = blank) and exit")

@@ -547,6 +547,23 @@ def test_cache_first_step_is_the_full_forward(cache):
         assert widths == [S, 4] * 3
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cache_refresh_runs_the_full_forward_every_r_steps(cache):
+    """refresh=1 makes every step a full forward (the exact sampler, through the cache); refresh=2
+    runs it at every other step of each block, the cached window between."""
+    m = tiny_model(seed=4, std=0.3)
+    prompt, pattn, _ = padded_prompts([2, 5, 7], seed=3)
+    P, kw = prompt.shape[1], dict(gen_length=12, block_length=4, steps=12, cache=cache)
+    _, ref = copsd.generate(m, prompt, pattn, MASK, record=True, **{**kw, "cache": "none"})
+    _, states = copsd.generate(m, prompt, pattn, MASK, record=True, refresh=1, **kw)
+    assert torch.equal(states, ref)
+    spy = Spy(m)
+    copsd.generate(spy, prompt, pattn, MASK, refresh=2, **kw)
+    S, widths = P + 12, [idx.shape[1] for idx, _, _ in spy.calls]
+    after = [S - P - 4 * b if cache == "prefix" else 4 for b in range(3)]
+    assert widths == [w for a in after for w in (S, a, S, a)]
+
+
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_left_padded_batch_equals_each_row_alone(cache):
     m = tiny_model(seed=4, std=0.3)

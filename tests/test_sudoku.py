@@ -248,7 +248,8 @@ def test_decoding_settings_reevaluate_the_cached_runs(smoke):
     retrained; threshold decoding is one column with its tokens per forward."""
     out, _ = smoke
     before = json.load(open(os.path.join(out, "results.json")))["results"]
-    for flags, column in ((["--cache", "dual"], "16"), (["--threshold", "0.5"], "τ=0.5")):
+    for flags, column in ((["--cache", "dual"], "16"), (["--cache", "dual", "--refresh", "2"], "1"),
+                          (["--threshold", "0.5"], "τ=0.5")):
         t0 = time.time()
         r = run_cli(*TINY, *flags, "--workers", "2", "--out", out, "--results", "decoding.json")
         assert r.returncode == 0, r.stderr[-2000:]
