@@ -181,6 +181,10 @@ class LLaDA(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def device(self):
+        return self.transformer.wte.weight.device
+
     def forward(self, idx, attention_mask=None, start=0, end=None, cache=None, pos=None):
         """idx (B, S) token ids; attention_mask (B, S) bool, False at padding (keys are masked,
         so padding never influences a real position). Returns float32 logits (B, end - start, V)

@@ -41,7 +41,7 @@ from einops import rearrange
 from tqdm import tqdm
 
 import copsd
-from model import LLaDA, ModelConfig, from_pretrained, save_pretrained
+from model import LLaDA, ModelConfig, from_pretrained, read_config, save_pretrained
 
 QUIET = False  # worker processes hide their progress bars (the parent shows one for all)
 
@@ -135,9 +135,9 @@ MASK_ID = 5 + 5 * 16
 VOCAB = MASK_ID + 1
 
 
-def encode_prompt(puzzles):
-    p = torch.as_tensor(np.asarray(puzzles), dtype=torch.long)
-    return 5 + 5 * torch.arange(16) + p
+def encode_prompt(puzzles, device="cpu"):
+    p = torch.as_tensor(np.asarray(puzzles), dtype=torch.long, device=device)
+    return 5 + 5 * torch.arange(16, device=device) + p
 
 
 def parse_puzzle(text):
@@ -165,16 +165,16 @@ def parse_puzzle(text):
 @torch.no_grad()
 def decode(model, puzzles, **sampler):
     """The model's fill of each puzzle (n, 16), and its tokens per forward (TPF)."""
-    prompt = encode_prompt(puzzles)
+    prompt = encode_prompt(puzzles, model.device)
     if model.cfg.causal:  # OPDLM's AR teacher: left to right, one token per step whatever n
         x = prompt
         for _ in range(GEN_LEN):
             x = torch.cat([x, model(x, start=x.shape[1] - 1).argmax(-1)], 1)
-        return x[:, PROMPT_LEN:].numpy(), 1.0
+        return x[:, PROMPT_LEN:].cpu().numpy(), 1.0
     seq, states = copsd.generate(model, prompt, None, MASK_ID, gen_length=GEN_LEN,
                                  block_length=GEN_LEN, record=True, **sampler)
     # tokens 1-4 are the digits; anything else scores wrong
-    return seq[:, PROMPT_LEN:].numpy(), copsd.tokens_per_forward(states, MASK_ID)
+    return seq[:, PROMPT_LEN:].cpu().numpy(), copsd.tokens_per_forward(states, MASK_ID)
 
 
 def score(filled, puzzles, sols=None):
@@ -314,6 +314,8 @@ class Config(MethodConfig):
     results: str = flag("results.json", "results file name under --out")
     workers: int = flag(0, "worker processes for independent runs (0: one per CPU core); any "
                            "number gives the same results")
+    device: str = flag("cpu", "where models train and decode: cpu, or cuda (runs and bases then "
+                              "cached apart: a GPU's numbers differ by float rounding)")
     regime: str = flag("early", "minimal: unique minimal puzzles, base trained over all mask "
                                 "ratios; early: a base that rarely saw mostly-masked responses; "
                                 "multi: puzzles with 2-4 solutions, scored by validity",
@@ -385,7 +387,12 @@ def model_config(cfg):
                        eos_token_id=0, pad_token_id=0)
 
 
+def on_gpu(cfg):
+    return [cfg.device] if cfg.device != "cpu" else []
+
+
 def digest(*parts):
+    """A cache key. A run on a GPU (--device cuda) adds its device: its numbers differ."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -435,22 +442,23 @@ def pretrain(cfg, seed, causal=False, budget=None):
     causal=True: OPDLM's autoregressive teacher of the same architecture (next-token loss on
     the response), trained for `budget` steps (left to right it cannot make a minimal puzzle's
     chained deductions and plateaus below the target). Returns the checkpoint's path."""
-    key = digest(seed, causal, [getattr(cfg, f) for f in PRETRAIN_FIELDS])
+    key = digest(seed, causal, [getattr(cfg, f) for f in PRETRAIN_FIELDS], *on_gpu(cfg))
     path = os.path.join(cfg.out, f"{'ar' if causal else 'base'}-{key}")
     if os.path.isdir(path):
         return path
     data = regime_data(cfg, seed)
     torch.manual_seed(seed)
-    model = LLaDA(dataclasses.replace(model_config(cfg), causal=causal))
+    dev = cfg.device
+    model = LLaDA(dataclasses.replace(model_config(cfg), causal=causal)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     puzzles, sols = data["pretrain"]
-    seq = torch.cat([encode_prompt(puzzles), torch.as_tensor(sols)], 1)
-    g = torch.Generator().manual_seed(seed)
+    seq = torch.cat([encode_prompt(puzzles, dev), torch.as_tensor(sols, device=dev)], 1)
+    g = torch.Generator(dev).manual_seed(seed)
     acc, n, eps = 0.0, cfg.pretrain_batch, 1e-3
     progress = bar(range(1, (budget or cfg.pretrain_max_steps) + 1), desc=f"pretrain ({seed})")
     for step in progress:
         model.train()
-        batch = seq[torch.randint(len(seq), (n,), generator=g)]
+        batch = seq[torch.randint(len(seq), (n,), generator=g, device=dev)]
         if causal:  # position j - 1 predicts response token j
             logits = model(batch, start=PROMPT_LEN - 1)[:, :-1]
             loss = F.cross_entropy(rearrange(logits, "b l v -> (b l) v"),
@@ -458,7 +466,8 @@ def pretrain(cfg, seed, causal=False, budget=None):
         else:
             t = None
             if cfg.regime == "early":
-                u, low = torch.rand(n, generator=g), torch.rand(n, generator=g) < cfg.early_share
+                u, low = (torch.rand(n, generator=g, device=dev),
+                          torch.rand(n, generator=g, device=dev) < cfg.early_share)
                 t = eps + u * torch.where(low, cfg.early_t - eps, 1 - eps)
             loss, _ = copsd.mdm_loss(model, copsd.Rollout(batch, None, PROMPT_LEN), MASK_ID,
                                      generator=g, t=t)
@@ -489,9 +498,11 @@ def complete(model, x, generator):
         masked = x[:, PROMPT_LEN:] == MASK_ID
         if not masked.any():
             break
-        logits = model(x, start=PROMPT_LEN).index_fill(-1, torch.tensor([MASK_ID]), -torch.inf)
+        logits = model(x, start=PROMPT_LEN).index_fill(
+            -1, torch.tensor([MASK_ID], device=x.device), -torch.inf)
         token = copsd.add_gumbel_noise(logits, 1.0, generator).argmax(-1)
-        u = torch.rand(masked.shape, generator=generator).masked_fill(~masked, -1.0)
+        u = torch.rand(masked.shape, generator=generator, device=x.device)
+        u = u.masked_fill(~masked, -1.0)
         cell = u.argmax(1, keepdim=True)  # one random masked cell per row
         row = masked.any(1)
         x[row, PROMPT_LEN + cell[row, 0]] = token.gather(1, cell)[row, 0]
@@ -505,11 +516,11 @@ def self_consistency(model, puzzles, t=0.9, s=0.5, K=16, seed=0):
     later-view predictions p(.|y^k_{t-s}) over K of its own completions y^k of y_t. A perfectly
     self-consistent MDM has p(.|y_t) = E_k p(.|y^k_{t-s}). Returns Σ_v (p(v) - mean_k p̃_k(v))^2
     averaged over cells, less the K-sample mean's own variance (an unbiased estimate)."""
-    g = torch.Generator().manual_seed(seed)
-    prompt = encode_prompt(puzzles)
+    g = torch.Generator(model.device).manual_seed(seed)
+    prompt = encode_prompt(puzzles, model.device)
     y = copsd.generate(model, prompt, None, MASK_ID, GEN_LEN, GEN_LEN, GEN_LEN // 2,
                        temperature=1.0, generator=g)
-    mask_t, mask_ts = copsd.nested_masks((len(y), GEN_LEN), t, s, generator=g)
+    mask_t, mask_ts = copsd.nested_masks((len(y), GEN_LEN), t, s, generator=g, device=y.device)
     y_t = copsd.apply_mask(y, PROMPT_LEN, mask_t, MASK_ID)
     p = F.softmax(model(y_t, start=PROMPT_LEN), -1)
     later = copsd.apply_mask(complete(model, copsd.per_prompt(y_t, K), g), PROMPT_LEN,
@@ -542,8 +553,9 @@ def post_train(model, c, data, method, seed, teacher=None, curve=None, start=0, 
     steps, lr = (c.opdlm_steps, c.opdlm_lr) if method == "opdlm" else (c.steps, c.lr)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     puzzles, sols = data["distill"]
-    prompts, answers = encode_prompt(puzzles), torch.as_tensor(sols)
-    g = torch.Generator().manual_seed(seed)
+    dev = model.device
+    prompts, answers = encode_prompt(puzzles, dev), torch.as_tensor(sols, device=dev)
+    g = torch.Generator(dev).manual_seed(seed)
     sampler = dict(gen_length=GEN_LEN, block_length=GEN_LEN,
                    steps=GEN_LEN // c.train_tokens_per_step, temperature=c.temperature)
     window = c.resample_every or steps
@@ -554,7 +566,7 @@ def post_train(model, c, data, method, seed, teacher=None, curve=None, start=0, 
     for step in bar(range(steps), desc=f"{method} ({seed})"):
         if step % window == 0 and (c.resample_every or step == 0):
             model.eval()
-            idx = torch.randint(len(prompts), (window * rows // K,), generator=g)
+            idx = torch.randint(len(prompts), (window * rows // K,), generator=g, device=dev)
             ro = copsd.make_rollout(method, model, prompts[idx], None, MASK_ID, K=K,
                                     answers=answers[idx], copsd_kw=c.copsd_kw(), generator=g,
                                     **sampler)
@@ -611,17 +623,16 @@ def run_row(cfg, seed, stages, flags, keep=False):
     is cached by what determines it, each evaluation by its decoding settings too. Returns
     {"test": {column: scores} or None, "history", "curve", "dir"}."""
     c = dataclasses.replace(cfg, **flags)
-    key = digest(seed, stages, keep, [getattr(c, f) for f in RUN_FIELDS])
+    key = digest(seed, stages, keep, [getattr(c, f) for f in RUN_FIELDS], *on_gpu(c))
     d = os.path.join(cfg.out, "runs", f"{'+'.join(stages)}-{key}")
     if not os.path.exists(os.path.join(d, "result.json")):
-        data, base = regime_data(c, seed), pretrain(c, seed)
-        model, teacher, history, curve = from_pretrained(base), None, [], []
+        data, teacher, history, curve = regime_data(c, seed), None, [], []
         if stages == ["opdlm"]:
-            budget = model.cfg.extra["pretrain_steps"]
-            teacher = from_pretrained(pretrain(c, seed, causal=True, budget=budget))
-            teacher.requires_grad_(False)
-            model = from_pretrained(pretrain(c, seed, causal=True, budget=budget))
+            teacher = from_pretrained(ar_teacher(c, seed), c.device).requires_grad_(False)
+            model = from_pretrained(ar_teacher(c, seed), c.device)
             model.cfg = dataclasses.replace(model.cfg, causal=False)
+        else:
+            model = from_pretrained(pretrain(c, seed), c.device)
         for i, method in enumerate(stages):
             history.append(post_train(model, c, data, method, seed, teacher, curve,
                                       start=i * c.steps, keep=d if keep else None))
@@ -632,15 +643,25 @@ def run_row(cfg, seed, stages, flags, keep=False):
     return dict(result, test=None if keep else test_scores(c, seed, d, "final"))
 
 
-def base_row(cfg, seed):
-    """The base itself as a row: its test scores, and the premise measured on it."""
-    c, base = cfg, pretrain(cfg, seed)
+def ar_teacher(cfg, seed):
+    """OPDLM's autoregressive teacher: the base's architecture, causal, pretrained on the same
+    data for as many steps as the seed's base took. Returns the checkpoint's path."""
+    budget = read_config(pretrain(cfg, seed)).extra["pretrain_steps"]
+    return pretrain(cfg, seed, causal=True, budget=budget)
+
+
+def base_row(cfg, seed, causal=False):
+    """The base itself as a row: its test scores, and the premise measured on it. causal: OPDLM's
+    AR teacher instead (decoded left to right, whatever the column; no premise): the accuracy
+    OPDLM's conversion can reach."""
+    c, base = cfg, ar_teacher(cfg, seed) if causal else pretrain(cfg, seed)
     path = os.path.join(base, f"eval-{digest(columns(c), c.premise_prompts, c.premise_K)}.json")
     if os.path.exists(path):
         return read_json(path)
-    data, model = regime_data(c, seed), from_pretrained(base)
+    data, model = regime_data(c, seed), from_pretrained(base, c.device)
     model.eval()
-    gap = self_consistency(model, data["val"][0][:c.premise_prompts], c.t, c.s, c.premise_K, seed)
+    gap = None if causal else self_consistency(model, data["val"][0][:c.premise_prompts], c.t,
+                                               c.s, c.premise_K, seed)
     result = dict(test=evaluate(model, data["test"], columns(c)), history=[], curve=[],
                   steps=model.cfg.extra["pretrain_steps"], premise=gap,
                   val=evaluate(model, data["val"], columns(c, [1, 16])))
@@ -654,7 +675,7 @@ def test_scores(cfg, seed, run_dir, ckpt):
     tag = "" if ckpt == "final" else f"{ckpt.split('-')[1]}-"
     path = os.path.join(run_dir, f"test-{tag}{digest(columns(cfg))}.json")
     if not os.path.exists(path):
-        model = from_pretrained(os.path.join(run_dir, ckpt))
+        model = from_pretrained(os.path.join(run_dir, ckpt), cfg.device)
         atomic_json(path, evaluate(model, regime_data(cfg, seed)["test"], columns(cfg)))
     return read_json(path)
 
@@ -697,11 +718,17 @@ def run(cfg):
     """One regime: the base's premise and gap, then every row over cfg.seeds seeds."""
     t0 = time.time()
     rows = {"Base": ([], {})} | {k: v for k, v in rows_of(cfg).items() if v[0]}
+    if "opdlm" in cfg.methods:
+        rows["OPDLM's AR teacher"] = (["ar"], {})
     os.makedirs(cfg.out, exist_ok=True)
     # one process per base: they are the longest tasks, and a second wave would idle a core
     parallel([(pretrain, cfg, seed) for seed in range(cfg.seeds)], max(cfg.workers, cfg.seeds),
              "bases")
-    tasks = [(base_row, cfg, seed) if not stages else (run_row, cfg, seed, stages, flags)
+    if "opdlm" in cfg.methods:  # before the rows, two of which need each
+        parallel([(ar_teacher, cfg, seed) for seed in range(cfg.seeds)],
+                 max(cfg.workers, cfg.seeds), "AR teachers")
+    tasks = [(base_row, cfg, seed, stages == ["ar"]) if stages in ([], ["ar"]) else
+             (run_row, cfg, seed, stages, flags)
              for stages, flags in rows.values() for seed in range(cfg.seeds)]
     done = iter(parallel(tasks, cfg.workers, "rows"))
     results = {name: [next(done) for _ in range(cfg.seeds)] for name in rows}

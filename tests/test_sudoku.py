@@ -227,6 +227,24 @@ def test_smoke_run_prints_table_and_writes_json(smoke):
     assert any(e.startswith("base-") for e in os.listdir(out))
 
 
+def test_opdlm_row_comes_with_its_ar_teacher(smoke):
+    """OPDLM's ceiling is printed beside it: its AR teacher, decoded left to right (one token per
+    step, so the same score in every column), pretrained as long as the seed's base."""
+    out, _ = smoke
+    r = run_cli(*TINY, "--methods", "base,opdlm", "--opdlm_steps", "2", "--workers", "2",
+                "--out", out, "--results", "opdlm.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(os.path.join(out, "opdlm.json")))["results"]
+    assert list(res) == ["Base", "OPDLM", "OPDLM's AR teacher"]
+    (teacher,) = res["OPDLM's AR teacher"]
+    assert len({json.dumps(v, sort_keys=True) for v in teacher["test"].values()}) == 1
+    assert teacher["test"]["16"]["tpf"] == 1.0 and teacher["premise"] is None
+    (ar,) = [e for e in os.listdir(out) if e.startswith("ar-")]
+    (base,) = [e for e in os.listdir(out) if e.startswith("base-")]
+    assert from_pretrained(os.path.join(out, ar)).cfg.causal
+    assert teacher["steps"] == from_pretrained(os.path.join(out, base)).cfg.extra["pretrain_steps"]
+
+
 def test_workers_give_the_serial_results(smoke, tmp_path):
     """Independent runs in worker processes: the same numbers as one after the other; and a
     rerun reads its cached runs."""
@@ -320,6 +338,7 @@ def test_several_solution_puzzles_and_their_score():
 
 class Constant(torch.nn.Module):
     """Predictions that ignore the input: a perfectly self-consistent MDM."""
+    device = torch.device("cpu")  # as model.LLaDA.device
 
     def __init__(self, logits):
         super().__init__()
