@@ -314,8 +314,9 @@ class Config(MethodConfig):
     results: str = flag("results.json", "results file name under --out")
     workers: int = flag(0, "worker processes for independent runs (0: one per CPU core); any "
                            "number gives the same results")
-    device: str = flag("cpu", "where models train and decode: cpu, or cuda (runs and bases then "
-                              "cached apart: a GPU's numbers differ by float rounding)")
+    device: str = flag("cpu", "where models train and decode (cuda: runs and bases are cached "
+                              "apart, as a GPU's numbers differ by float rounding)",
+                       choices=("cpu", "cuda"))
     regime: str = flag("early", "minimal: unique minimal puzzles, base trained over all mask "
                                 "ratios; early: a base that rarely saw mostly-masked responses; "
                                 "multi: puzzles with 2-4 solutions, scored by validity",
@@ -964,6 +965,8 @@ def solve(cfg):
 if __name__ == "__main__":
     cfg = parse_config(Config, description=__doc__)
     cfg = dataclasses.replace(cfg, workers=cfg.workers or os.cpu_count() or 1)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here")
     torch.set_num_threads(1)  # one thread per run, serial or parallel: the same numbers
     if cfg.solve:
         solve(cfg)

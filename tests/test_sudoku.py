@@ -170,7 +170,8 @@ def test_help_explains_every_flag():
 
 
 @pytest.mark.parametrize("args,choice", [(["--methods", "base,copsed"], "copsed"),
-                                         (["--tokens_per_step", "1,x"], "1,x")])
+                                         (["--tokens_per_step", "1,x"], "1,x"),
+                                         (["--device", "gpu"], "gpu")])
 def test_typo_is_a_one_line_argparse_error(args, choice):
     r = run_cli(*args, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -408,6 +409,13 @@ def test_solve_bad_input_is_one_line(args, word, tmp_path):
     assert "Traceback" not in r.stderr
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and word in err[0], r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a machine without a GPU")
+def test_device_cuda_without_gpu_is_one_line(tmp_path):
+    r = run_cli("--device", "cuda", "--out", str(tmp_path), timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["--device cuda: torch sees no CUDA GPU here"]
 
 
 def test_solve_without_model_is_one_line(tmp_path):
