@@ -349,7 +349,8 @@ class Config(MethodConfig):
     lr: float = flag(3e-5, "AdamW learning rate of every method (the study's choice)")
     opdlm_lr: float = flag(3e-4, "OPDLM's learning rate (its student starts as a next-token "
                                  "predictor)")
-    opdlm_steps: int = flag(400, "OPDLM's own budget: converting an AR model takes longer")
+    opdlm_steps: int = flag(400, "OPDLM's own budget (its conversion from an AR model ends "
+                                 "after about 16000: README)")
     curve_every: int = flag(0, "validation accuracy at 1 and 16 tokens/step every this many "
                                "post-training steps (learning curves; --study: 20); 0 = off")
     # experiments
@@ -735,10 +736,12 @@ def run(cfg):
     results = {name: [next(done) for _ in range(cfg.seeds)] for name in rows}
     print_premise(cfg.regime, results["Base"])
     report(results, list(columns(cfg)), cfg.regime)
-    atomic_json(os.path.join(cfg.out, cfg.results), dict(config=dataclasses.asdict(cfg),
-                                                          results=results))
-    print(f"\nwall time {time.time() - t0:.0f} s; results in "
-          f"{os.path.join(cfg.out, cfg.results)}")
+    path = os.path.join(cfg.out, cfg.results)
+    atomic_json(path, dict(config=dataclasses.asdict(cfg), results=results))
+    if cfg.curve_every:
+        plot_curves({cfg.regime: results}, os.path.splitext(path)[0] + ".png")
+    print(f"\nwall time {time.time() - t0:.0f} s; results in {path}"
+          + (", learning curves beside it (.png)" if cfg.curve_every else ""))
     return results
 
 
@@ -941,6 +944,34 @@ def plot(results, out_dir, cols, cfg):
            "post-training step (solid: 1, dashed: 16 tokens/step)")
     figure("figure2.png", distance, "calibration distance d (5-step mean)", "post-training step")
     figure("figure3.png", s_sweep, "blank cells correct (%)", "s/T (t/T = 0.9); gray: Base")
+
+
+def plot_curves(panels, path):
+    """Learning curves of runs with --curve_every, one panel per {title: results}: each trained
+    row's validation accuracy (mean over seeds; solid 1, dashed 16 tokens/step) and, as
+    horizontal lines, the rows that did not train (the base, OPDLM's AR teacher)."""
+    import matplotlib  # the figures only: sudoku.py runs without it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, results) in zip(axes[0], panels.items()):
+        for i, (row, runs) in enumerate(results.items()):
+            for n, style in (("1", "-"), ("16", "--")):
+                label = row if n == "1" else None
+                if runs[0]["curve"]:
+                    steps = [p["step"] for p in runs[0]["curve"]]
+                    v = 100 * np.mean([[p[f"val{n}"] for p in r["curve"]] for r in runs], 0)
+                    ax.plot(steps, v, style, color=f"C{i}", label=label)
+                elif "val" in runs[0]:
+                    ax.axhline(100 * np.mean([r["val"][n]["cell_acc"] for r in runs]),
+                               ls=style, lw=1, color=f"C{i}", label=label)
+        ax.set(title=title, xlabel="post-training step (solid: 1, dashed: 16 tokens/step)",
+               ylabel="validation blank cells (%)")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def solve(cfg):
