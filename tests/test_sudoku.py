@@ -233,10 +233,12 @@ def test_opdlm_row_comes_with_its_ar_teacher(smoke):
     step, so the same score in every column), pretrained as long as the seed's base."""
     out, _ = smoke
     r = run_cli(*TINY, "--methods", "base,opdlm", "--opdlm_steps", "2", "--workers", "2",
-                "--out", out, "--results", "opdlm.json")
+                "--curve_every", "1", "--out", out, "--results", "opdlm.json")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.load(open(os.path.join(out, "opdlm.json")))["results"]
     assert list(res) == ["Base", "OPDLM", "OPDLM's AR teacher"]
+    assert [p["step"] for p in res["OPDLM"][0]["curve"]] == [1, 2]
+    assert os.path.getsize(os.path.join(out, "opdlm.png")) > 1000  # its learning curves
     (teacher,) = res["OPDLM's AR teacher"]
     assert len({json.dumps(v, sort_keys=True) for v in teacher["test"].values()}) == 1
     assert teacher["test"]["16"]["tpf"] == 1.0 and teacher["premise"] is None
