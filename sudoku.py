@@ -350,7 +350,7 @@ class Config(MethodConfig):
     opdlm_lr: float = flag(3e-4, "OPDLM's learning rate (its student starts as a next-token "
                                  "predictor)")
     opdlm_steps: int = flag(400, "OPDLM's own budget (its conversion from an AR model ends "
-                                 "after about 16000: README)")
+                                 "after 16000-24000: README)")
     curve_every: int = flag(0, "validation accuracy at 1 and 16 tokens/step every this many "
                                "post-training steps (learning curves; --study: 20); 0 = off")
     # experiments
