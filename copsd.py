@@ -209,6 +209,9 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
         raise ValueError(f"remasking must be 'low_confidence' or 'random', not {remasking!r}")
     if cache not in ("none", "prefix", "dual"):
         raise ValueError(f"cache must be 'none', 'prefix' or 'dual', not {cache!r}")
+    if refresh < 0:
+        raise ValueError(f"refresh must be >= 0 (0: refresh at each block's start only), not "
+                         f"{refresh}")
     B, P = prompt.shape
     S = P + gen_length
     x = torch.cat([prompt, prompt.new_full((B, gen_length), mask_id)], 1)
