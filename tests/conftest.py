@@ -21,9 +21,9 @@ VOCAB, MASK = 16, 17
 
 
 def tiny_config(**kw):
-    base = dict(d_model=32, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=64, vocab_size=VOCAB,
-                embedding_size=MASK + 1, rope_theta=10000.0, rms_norm_eps=1e-5, max_sequence_length=64,
-                mask_token_id=MASK, eos_token_id=0, pad_token_id=0)
+    base = dict(d_model=32, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=64,
+                vocab_size=VOCAB, embedding_size=MASK + 1, rope_theta=10000.0, rms_norm_eps=1e-5,
+                max_sequence_length=64, mask_token_id=MASK, eos_token_id=0, pad_token_id=0)
     base.update(kw)
     return ModelConfig(**base)
 

@@ -149,7 +149,8 @@ def test_mdm_loss_is_unbiased():
     g = gen(2)
     with torch.no_grad():
         ro = Rollout(seq, attn, P)
-        est = torch.stack([copsd.mdm_loss(fake, ro, MASK, generator=g)[0] for _ in range(1000)]).mean()
+        est = torch.stack([copsd.mdm_loss(fake, ro, MASK, generator=g)[0]
+                           for _ in range(1000)]).mean()
         target = F.cross_entropy(fake.logits[:, P:].transpose(1, 2), seq[:, P:])
     assert abs(est / target - 1) < 0.1
 
@@ -176,8 +177,8 @@ def test_sampler_schedule_prompt_and_block_order(remasking, temperature):
     B, P = prompt.shape
     gen_length, block_length, steps = 16, 8, 6  # 2 blocks, 3 steps each: 3, 3, 2 tokens per step
     rec = Recorder(tiny_model())
-    out = copsd.generate(rec, prompt, pattn, MASK, gen_length, block_length, steps, temperature=temperature,
-                         remasking=remasking, generator=gen(0))
+    out = copsd.generate(rec, prompt, pattn, MASK, gen_length, block_length, steps,
+                         temperature=temperature, remasking=remasking, generator=gen(0))
     assert out.shape == (B, P + gen_length)
     states = rec.inputs + [out]
     spb, n_blocks = steps // (gen_length // block_length), gen_length // block_length
@@ -253,7 +254,8 @@ def llada_generate_reference(model, prompt, steps, gen_length, block_length, mas
             x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
             x0_p[:, lo + block_length:] = -float("inf")
             x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, torch.tensor(-float("inf"), dtype=x0_p.dtype))
+            confidence = torch.where(mask_index, x0_p,
+                                     torch.tensor(-float("inf"), dtype=x0_p.dtype))
             transfer_index = torch.zeros_like(x0, dtype=torch.bool)
             for j in range(confidence.shape[0]):
                 _, select_index = torch.topk(confidence[j], k=int(num_transfer[j, i]))
@@ -283,7 +285,11 @@ def test_sampler_bad_arguments():
     with pytest.raises(ValueError):
         copsd.generate(m, prompt, pattn, MASK, gen_length=8, block_length=4, steps=1)
     with pytest.raises(ValueError):
-        copsd.generate(m, prompt, pattn, MASK, gen_length=8, block_length=4, steps=4, remasking="topk")
+        copsd.generate(m, prompt, pattn, MASK, gen_length=8, block_length=4, steps=4,
+                       remasking="topk")
+    with pytest.raises(ValueError, match="refresh"):
+        copsd.generate(m, prompt, pattn, MASK, gen_length=8, block_length=4, steps=4,
+                       cache="dual", refresh=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +322,8 @@ def test_calibration_matches_independent_computation(model):
     torch.testing.assert_close(d.double(), (pts_y - pt_y) ** 2, rtol=1e-4, atol=1e-7)
     assert old_logp.dtype == d.dtype == torch.float32
     assert (d > 0).any()
-    log_z = copsd.calibration(model, Rollout(seq, attn, P), mask_t, mask_ts, MASK, keep_z=True)["log_z"]
+    log_z = copsd.calibration(model, Rollout(seq, attn, P), mask_t, mask_ts, MASK,
+                              keep_z=True)["log_z"]
     ref = (p_t * torch.exp(-(p_ts - p_t) ** 2)).sum(-1).log()
     torch.testing.assert_close(log_z.double(), ref, rtol=1e-4, atol=1e-6)
 
@@ -357,7 +364,8 @@ def test_rollout_rows_are_prompt_major_and_share_masks():
 def test_rollout_random_s():
     m = tiny_model(seed=2)
     prompt, pattn, _ = padded_prompts([3] * 6, seed=5)
-    ro = rollout(m, prompt, pattn, K=2, t=0.9, random_s=True, gen_length=16, block_length=16, steps=4)
+    ro = rollout(m, prompt, pattn, K=2, t=0.9, random_s=True, gen_length=16, block_length=16,
+                 steps=4)
     assert not (ro.mask_ts & ~ro.mask_t).any()
     # s differs per prompt (not the fixed 0.5): the late-view ratios vary across prompts
     ratios = ro.mask_ts[::2].float().mean(1)
@@ -382,7 +390,8 @@ def test_keep_z_adds_exactly_log_z():
     plain = rollout(m, prompt, pattn, K=K, group_norm=False)
     with_z = rollout(m, prompt, pattn, K=K, group_norm=False, keep_z=True)
     for key in ("seq", "mask_t", "mask_ts"):
-        assert torch.equal(getattr(plain, key), getattr(with_z, key)), key  # same seed: same samples and masks
+        # same seed: same samples and masks
+        assert torch.equal(getattr(plain, key), getattr(with_z, key)), key
     torch.testing.assert_close(with_z.d, plain.d)
     # log Z_i = log sum_v p(v|y_t) exp(-(p(v|y_{t-s}) - p(v|y_t))^2), over the whole vocabulary
     yt, yts = views(plain.seq, P, plain.mask_t, plain.mask_ts)
@@ -404,7 +413,8 @@ def test_keep_z_adds_exactly_log_z():
 
 def test_group_normalize_zero_mean_unit_std_per_group():
     B, K, L = 3, 5, 7
-    b = torch.rand(B * K, L, generator=gen(0)) * torch.arange(1, B + 1).repeat_interleave(K)[:, None] \
+    b = torch.rand(B * K, L, generator=gen(0)) \
+        * torch.arange(1, B + 1).repeat_interleave(K)[:, None] \
         + 10 * torch.arange(B).repeat_interleave(K)[:, None]
     A = copsd.group_normalize(b, K)
     assert A.shape == b.shape
@@ -457,7 +467,8 @@ def test_copsd_loss_gradient_at_r_equal_1(monkeypatch):
     n = m_ts.sum()
     assert stats["n_tokens"] == int(n)
     assert abs(stats["d"] - (ro.d * m_ts).sum().item() / n.item()) < 1e-6
-    torch.testing.assert_close(captured["logp"].detach(), ro.old_logp, rtol=1e-4, atol=1e-5)  # r = 1
+    # r = 1
+    torch.testing.assert_close(captured["logp"].detach(), ro.old_logp, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(loss.detach(), (ro.A * m_ts).sum() / n, rtol=1e-4, atol=1e-5)
     loss.backward()
     torch.testing.assert_close(captured["logp"].grad, (1 + ro.A) * m_ts / n, rtol=1e-4, atol=1e-6)
@@ -595,8 +606,10 @@ def test_threshold_unmasks_every_confident_token_and_at_least_one(threshold):
     P, spy, stats = prompt.shape[1], Spy(m), {}
     out, states = copsd.generate(spy, prompt, pattn, MASK, gen_length=8, block_length=4, steps=2,
                                  threshold=threshold, record=True, stats=stats)
-    assert not (out == MASK).any() and len(spy.calls) == states.shape[1] - 1 == sum(stats["forwards"])
-    for (idx, start, logits), before, after in zip(spy.calls, states.unbind(1), states.unbind(1)[1:]):
+    assert not (out == MASK).any()
+    assert len(spy.calls) == states.shape[1] - 1 == sum(stats["forwards"])
+    for (idx, start, logits), before, after in zip(spy.calls, states.unbind(1),
+                                                   states.unbind(1)[1:]):
         lo = P + 4 * int((before[:, P:] == MASK).float().argmax(1).min() // 4)
         conf = F.softmax(logits.double(), -1).max(-1).values  # (B, block)
         masked, newly = before[:, lo:lo + 4] == MASK, (before != after)[:, lo:lo + 4]
@@ -623,7 +636,8 @@ def test_cfg_scale():
     spy = Spy(m)
     guided = copsd.generate(spy, prompt, pattn, MASK, cfg_scale=2.0, **kw)
     for idx, _, _ in spy.calls:
-        assert len(idx) == 6 and torch.equal(idx[3:, P:], idx[:3, P:]) and (idx[3:, :P] == MASK).all()
+        assert len(idx) == 6 and torch.equal(idx[3:, P:], idx[:3, P:])
+        assert (idx[3:, :P] == MASK).all()
     assert not torch.equal(guided, plain)  # the prompt matters to this model
     fixed = FixedLogits(torch.randn(3, P + 8, VOCAB, generator=gen(0)))  # ignores its input
     assert torch.equal(copsd.generate(fixed, prompt, pattn, MASK, cfg_scale=2.0, **kw),
@@ -662,7 +676,8 @@ def test_confidence_options():
     prompt, pattn, _ = padded_prompts([3, 5, 6], seed=1)
     P, kw = prompt.shape[1], dict(gen_length=8, block_length=8, steps=4)
     ref = copsd.generate(m, prompt, pattn, MASK, **kw)
-    assert torch.equal(copsd.generate(m, prompt, pattn, MASK, confidence_dtype=torch.float32, **kw), ref)
+    assert torch.equal(copsd.generate(m, prompt, pattn, MASK, confidence_dtype=torch.float32, **kw),
+                       ref)
     eos, eot = ref[:, P:].flatten().bincount(minlength=VOCAB).topk(2).indices.tolist()  # frequent
     never = copsd.generate(m, prompt, pattn, MASK, logits_eos_inf=True, eos_id=eos, **kw)
     assert (ref[:, P:] == eos).any() and not (never[:, P:] == eos).any()
@@ -737,7 +752,8 @@ def test_score_and_paper_differ_by_the_plus_one_term():
     r = (copsd.pick(F.log_softmax(moved, -1), ro.seq[:, ro.P:]) - ro.old_logp).exp()
     torch.testing.assert_close(loss_p - loss_s, (r * m).sum() / m.sum())
     leaf = moved.clone().requires_grad_()
-    ((copsd.pick(F.log_softmax(leaf, -1), ro.seq[:, ro.P:]) - ro.old_logp).exp() * m).sum().div(m.sum()).backward()
+    ((copsd.pick(F.log_softmax(leaf, -1), ro.seq[:, ro.P:]) - ro.old_logp).exp()
+     * m).sum().div(m.sum()).backward()
     torch.testing.assert_close(grad_p - grad_s, leaf.grad, rtol=1e-4, atol=1e-6)
     assert leaf.grad.abs().sum() > 0
 
@@ -776,7 +792,8 @@ def test_readings_share_the_rollout():
     targets differ (none for paper / score)."""
     m = tiny_model(seed=2)
     prompt, pattn, _ = padded_prompts([3, 5], seed=4)
-    ros = {o: rollout(m, prompt, pattn, K=3, objective=o) for o in ("paper", "score", "exact", "later")}
+    ros = {o: rollout(m, prompt, pattn, K=3, objective=o)
+           for o in ("paper", "score", "exact", "later")}
     for o, ro in ros.items():
         for key in ("seq", "mask_t", "mask_ts", "old_logp", "d", "A"):
             assert torch.equal(getattr(ro, key), getattr(ros["paper"], key)), (o, key)

@@ -83,7 +83,8 @@ def test_left_padding_is_invisible(model):
     # left shift keeps the scores between real tokens)
     for pad_tok in (0, 7):
         idx = torch.cat([torch.full((1, n_pad), pad_tok), real], 1)
-        am = torch.cat([torch.zeros(1, n_pad, dtype=torch.bool), torch.ones(1, 9, dtype=torch.bool)], 1)
+        am = torch.cat([torch.zeros(1, n_pad, dtype=torch.bool),
+                        torch.ones(1, 9, dtype=torch.bool)], 1)
         out = model(idx, am)
         torch.testing.assert_close(out[:, n_pad:], solo, rtol=1e-4, atol=1e-5)
     # and without the mask the padding does leak in (the test above can fail)
@@ -133,8 +134,9 @@ def llada_names(cfg):
     for i in range(cfg.n_layers):
         p = f"model.transformer.blocks.{i}."
         out.update({p + "attn_norm.weight": (d,), p + "q_proj.weight": (cfg.n_heads * hd, d),
-                    p + "k_proj.weight": (cfg.n_kv_heads * hd, d), p + "v_proj.weight": (cfg.n_kv_heads * hd, d),
-                    p + "attn_out.weight": (d, d), p + "ff_norm.weight": (d,), p + "ff_proj.weight": (h, d),
+                    p + "k_proj.weight": (cfg.n_kv_heads * hd, d),
+                    p + "v_proj.weight": (cfg.n_kv_heads * hd, d), p + "attn_out.weight": (d, d),
+                    p + "ff_norm.weight": (d,), p + "ff_proj.weight": (h, d),
                     p + "up_proj.weight": (h, d), p + "ff_out.weight": (d, h)})
     return out
 
@@ -174,8 +176,9 @@ def test_save_load_single_file(tmp_path, gqa_model):
     idx = rand_ids(2, 7)
     torch.testing.assert_close(loaded.eval()(idx), gqa_model(idx), rtol=0, atol=0)
     cfg = json.load(open(os.path.join(path, "config.json")))
-    for k in ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size", "embedding_size",
-              "rope_theta", "rms_norm_eps", "max_sequence_length", "mask_token_id", "eos_token_id", "pad_token_id"):
+    for k in ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size",
+              "embedding_size", "rope_theta", "rms_norm_eps", "max_sequence_length",
+              "mask_token_id", "eos_token_id", "pad_token_id"):
         assert cfg[k] == getattr(gqa_model.cfg, k), k
     assert "causal" not in cfg  # LLaDA's config has no such field
 
@@ -404,7 +407,8 @@ def test_kv_cache_shapes_and_exact_window_recompute(n_kv_heads):
             changed[:, 9] = (changed[:, 9] + 1) % VOCAB
             m(changed[:, 8:12], mask, cache=cache, pos=8)
             for (k, _), k0 in zip(cache.values(), before):
-                assert torch.equal(k[:, :, :8], k0[:, :, :8]) and torch.equal(k[:, :, 12:], k0[:, :, 12:])
+                assert torch.equal(k[:, :, :8], k0[:, :, :8])
+                assert torch.equal(k[:, :, 12:], k0[:, :, 12:])
                 assert not torch.equal(k[:, :, 9], k0[:, :, 9])
     with pytest.raises(ValueError):
         m(idx[:, 8:], cache={}, pos=8)  # a cache is filled by a full forward

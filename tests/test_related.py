@@ -1,5 +1,5 @@
-"""copsd.py, related methods: SelFusion, d-OPSD and OPDLM, each its defining property on a tiny model
-(and the sampler's optional trajectory record they rely on)."""
+"""copsd.py, related methods: SelFusion, d-OPSD and OPDLM, each its defining property on a tiny
+model (and the sampler's optional trajectory record they rely on)."""
 
 import os
 import sys
@@ -22,9 +22,10 @@ P, L = 4, 8
 
 def tiny(seed=0, causal=False, std=0.2):
     torch.manual_seed(seed)
-    m = LLaDA(ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=V,
-                          embedding_size=M + 1, rope_theta=10000.0, max_sequence_length=64, mask_token_id=M,
-                          eos_token_id=0, pad_token_id=0, causal=causal))
+    m = LLaDA(ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
+                          vocab_size=V, embedding_size=M + 1, rope_theta=10000.0,
+                          max_sequence_length=64, mask_token_id=M, eos_token_id=0, pad_token_id=0,
+                          causal=causal))
     m.init_weights(std=std)  # peaked predictions, so argmax / top-k do not hinge on round-off
     return m
 
@@ -42,8 +43,8 @@ def rollout(model, B=3, steps=4, temperature=1.0, seed=0):
     (B, T + 1, P + L)."""
     prompt, pattn = prompts(B, seed)
     seq, states = copsd.generate(model, prompt, pattn, M, gen_length=L, block_length=L, steps=steps,
-                                 temperature=temperature, generator=torch.Generator().manual_seed(seed),
-                                 record=True)
+                                 temperature=temperature,
+                                 generator=torch.Generator().manual_seed(seed), record=True)
     return seq, torch.cat([pattn, torch.ones(B, L, dtype=torch.bool)], 1), states
 
 
@@ -69,7 +70,8 @@ def test_generate_record_is_the_trajectory_and_changes_nothing():
     prompt, pattn = prompts()
     g = lambda: torch.Generator().manual_seed(1)
     plain = copsd.generate(model, prompt, pattn, M, L, L, 4, temperature=1.0, generator=g())
-    seq, states = copsd.generate(model, prompt, pattn, M, L, L, 4, temperature=1.0, generator=g(), record=True)
+    seq, states = copsd.generate(model, prompt, pattn, M, L, L, 4, temperature=1.0, generator=g(),
+                                 record=True)
     assert torch.equal(seq, plain)  # backward compatible: same samples with or without a record
     assert states.shape == (3, 4 + 1, P + L)  # batch-first
     states = states.unbind(1)
@@ -113,10 +115,14 @@ def test_selfusion_direction_flips_with_the_correct_mode():
     # positions: 0 only easy correct, 1 only hard correct, 2 both correct, 3 both wrong
     hard, easy = mode([False, True, True, False]), mode([True, False, True, False])
     e2h, h2e = copsd.selfusion_direction(hard, easy, y)
-    assert e2h.tolist() == [[True, False, True, False]] and h2e.tolist() == [[False, True, False, False]]
-    e2h, h2e = copsd.selfusion_direction(easy, hard, y)  # the correct modes swapped: so do the directions
-    assert e2h.tolist() == [[False, True, True, False]] and h2e.tolist() == [[True, False, False, False]]
-    assert copsd.selfusion_direction(hard, easy, y, "hard")[1].tolist() == [[False, True, True, False]]
+    assert e2h.tolist() == [[True, False, True, False]]
+    assert h2e.tolist() == [[False, True, False, False]]
+    # the correct modes swapped: so do the directions
+    e2h, h2e = copsd.selfusion_direction(easy, hard, y)
+    assert e2h.tolist() == [[False, True, True, False]]
+    assert h2e.tolist() == [[True, False, False, False]]
+    assert (copsd.selfusion_direction(hard, easy, y, "hard")[1].tolist()
+            == [[False, True, True, False]])
     assert not copsd.selfusion_direction(hard, easy, y, "none")[0][0, 2]
     with pytest.raises(ValueError):
         copsd.selfusion_direction(hard, easy, y, "both")
@@ -163,7 +169,8 @@ def test_selfusion_kd_direction_flips_in_the_loss():
 def test_selfusion_without_kd_is_the_mdm_loss():
     model = tiny()
     seq, attn, _ = rollout(model)
-    ref, _ = copsd.mdm_loss(model, Rollout(seq, attn, P), M, generator=torch.Generator().manual_seed(5))
+    ref, _ = copsd.mdm_loss(model, Rollout(seq, attn, P), M,
+                            generator=torch.Generator().manual_seed(5))
     loss, _ = copsd.selfusion_loss(model, Rollout(seq, attn, P), M, kd_weight=0.0,
                                    generator=torch.Generator().manual_seed(5))
     assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)
@@ -175,7 +182,8 @@ def test_selfusion_finite_and_backprops():
     gt = torch.randint(1, V, (seq.shape[0], L))
     for targets in (None, gt):  # on-policy (default) and ground truth
         model.zero_grad()
-        loss, st = copsd.selfusion_loss(model, Rollout(seq, attn, P), M, targets=targets, t_hard=0.9, t_easy=0.4,
+        loss, st = copsd.selfusion_loss(model, Rollout(seq, attn, P), M, targets=targets,
+                                        t_hard=0.9, t_easy=0.4,
                                         generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(loss) and st["kd"] >= 0
         loss.backward()
@@ -192,8 +200,8 @@ def test_dopsd_teacher_sees_the_answer_student_does_not(suffix):
     model = tiny()
     seq, attn, states = rollout(model)
     rec = Recorder(model)
-    loss, st = copsd.dopsd_loss(rec, Rollout(seq, attn, P, states), M, retain_ratio=0.5, suffix=suffix,
-                                generator=torch.Generator().manual_seed(0))
+    loss, st = copsd.dopsd_loss(rec, Rollout(seq, attn, P, states), M, retain_ratio=0.5,
+                                suffix=suffix, generator=torch.Generator().manual_seed(0))
     assert st["revealed"] > 0
     (teacher,) = [c for c in rec.calls if not c["grad"]]
     (student,) = [c for c in rec.calls if c["grad"]]
@@ -213,7 +221,8 @@ def test_dopsd_teacher_sees_the_answer_student_does_not(suffix):
     shown = answer != M
     if suffix:
         assert shown.sum() == st["revealed"]
-    assert torch.equal(answer[shown & (x_in[:, P:] == M)], y[shown & (x_in[:, P:] == M)])  # the self-answer
+    # the self-answer
+    assert torch.equal(answer[shown & (x_in[:, P:] == M)], y[shown & (x_in[:, P:] == M)])
     assert (shown & (x_in[:, P:] == M)).sum() == st["revealed"]
     # no gradient through the teacher pass; the student's pass carries it
     assert not teacher["out"].requires_grad and student["out"].requires_grad
@@ -232,7 +241,8 @@ def test_dopsd_teacher_view_reveals_only_the_future():
                                          generator=torch.Generator().manual_seed(0))
     future = (x_out[:, P:] == M) & answer
     assert not (reveal & ~future).any()  # never this step's tokens, never outside the answer span
-    assert torch.equal(reveal.sum(1), (future.sum(1) * 0.5).floor().long())  # exactly int(n * ratio)
+    # exactly int(n * ratio)
+    assert torch.equal(reveal.sum(1), (future.sum(1) * 0.5).floor().long())
     assert reveal.any() and torch.equal(t[:, P:][reveal], y[reveal])
     # the code's block rule: only blocks after the one being decoded
     t, reveal = copsd.dopsd_teacher_view(x_in, x_out, y, P, M, None, 1.0, block_length=4,
@@ -250,7 +260,8 @@ def test_dopsd_is_step_level_and_gated_by_weight():
     for select in ("student", "teacher"):
         loss, st = copsd.dopsd_loss(model, Rollout(seq, attn, P, states), M, select=select,
                                     generator=torch.Generator().manual_seed(0))
-        # every step supervises as many positions as it decoded: the whole response over the trajectory
+        # every step supervises as many positions as it decoded:
+        # the whole response over the trajectory
         assert st["n_tokens"] == B * L and st["steps"] == 4 and torch.isfinite(loss) and loss > 0
     loss, st = copsd.dopsd_loss(model, Rollout(seq, attn, P, states), M, n_steps=1)
     assert st["n_tokens"] == B * L // 4  # one step: its 2 tokens per row
@@ -276,12 +287,13 @@ def test_opdlm_teacher_is_causal_and_frozen():
     seq, attn, states = rollout(student)
     for n_states in (1, None):
         student.zero_grad(), teacher.zero_grad()
-        loss, st = copsd.opdlm_loss(student, Rollout(seq, attn, P, states), M, teacher, n_states=n_states,
-                                    generator=torch.Generator().manual_seed(0))
+        loss, st = copsd.opdlm_loss(student, Rollout(seq, attn, P, states), M, teacher,
+                                    n_states=n_states, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(loss) and loss > 0 and st["n_tokens"] > 0
         loss.backward()
         assert all(p.grad is None for p in teacher.parameters())  # frozen: no gradient reaches it
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for p in student.parameters())
         assert student.transformer.wte.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError):  # a bidirectional "teacher" is not the AR model
         copsd.opdlm_loss(student, Rollout(seq, attn, P, states), M, student)
@@ -309,7 +321,8 @@ def test_opdlm_targets_are_the_teachers_next_token_logits():
     assert loss.abs() < 1e-5
     loss, _ = copsd.opdlm_loss(Fixed(same), Rollout(seq, attn, P, states), M, teacher, **kw)
     assert loss > 1e-2
-    # causal: the target of token j never sees token j or later, so the last token changes nothing ...
+    # causal: the target of token j never sees token j or later,
+    # so the last token changes nothing ...
     last = seq.clone()
     last[:, -1] = (last[:, -1] + 1) % V
     loss, _ = copsd.opdlm_loss(Fixed(shifted), Rollout(last, attn, P, states), M, teacher, **kw)

@@ -1,4 +1,5 @@
-"""train_llada.py on CPU: a tiny LLaDA-format checkpoint and tokenizer.json built here, FSDP2 over gloo.
+"""train_llada.py on CPU: a tiny LLaDA-format checkpoint and tokenizer.json built here, FSDP2
+over gloo.
 
 The runs share one set of flags, so that the one-process run is the reference for the two-process
 run (same global batch: allclose) and for the killed-and-resumed run (bit-exact)."""
@@ -22,14 +23,16 @@ import model as M  # noqa: E402
 import sudoku  # noqa: E402
 import train_llada as T  # noqa: E402
 
-SPECIALS = ["<|endoftext|>", "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|mdm_mask|>"]
-EOS, MASK = 0, 5
-pytestmark = pytest.mark.filterwarnings("ignore:.*returned a view tensor")  # their ids: special tokens come first in the trained vocabulary
+SPECIALS = ["<|endoftext|>", "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|eot_id|>", "<|mdm_mask|>"]
+EOS, MASK = 0, 5  # their ids: special tokens come first in the trained vocabulary
+pytestmark = pytest.mark.filterwarnings("ignore:.*returned a view tensor")
 
-FLAGS = ["--device", "cpu", "--task", "sudoku", "--n_train", "16", "--n_eval", "4", "--gen_length", "16",
-         "--block_length", "8", "--train_tokens_per_step", "2", "--eval_tokens_per_step", "2,8", "--eval_batch", "2",
-         "--K", "2", "--prompts_per_step", "4", "--micro_batch", "1", "--steps", "4", "--save_every", "2",
-         "--resample_every", "3", "--lr", "1e-3", "--max_shard_gb", "0.00005"]
+FLAGS = ["--device", "cpu", "--task", "sudoku", "--n_train", "16", "--n_eval", "4", "--gen_length",
+         "16", "--block_length", "8", "--train_tokens_per_step", "2", "--eval_tokens_per_step",
+         "2,8", "--eval_batch", "2", "--K", "2", "--prompts_per_step", "4", "--micro_batch", "1",
+         "--steps", "4", "--save_every", "2", "--resample_every", "3", "--lr", "1e-3",
+         "--max_shard_gb", "0.00005"]
 
 
 def make_tokenizer(path):
@@ -39,7 +42,8 @@ def make_tokenizer(path):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = [T.SUDOKU_PROMPT.format(puzzle="1000002000300004"), "<answer>\n1234341221434321\n</answer>", "user assistant"]
+    texts = [T.SUDOKU_PROMPT.format(puzzle="1000002000300004"),
+             "<answer>\n1234341221434321\n</answer>", "user assistant"]
     tok.train_from_iterator(texts * 5, trainer)
     assert [tok.token_to_id(s) for s in SPECIALS] == list(range(6))
     tok.save(path)
@@ -48,12 +52,14 @@ def make_tokenizer(path):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """A sharded LLaDA-layout checkpoint of a tiny model (grouped-query attention, padded embedding)."""
+    """A sharded LLaDA-layout checkpoint of a tiny model (grouped-query attention, padded
+    embedding)."""
     base = tmp_path_factory.mktemp("tiny")
     vocab = make_tokenizer(str(base / "tokenizer.json"))
-    cfg = M.ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=vocab,
-                        embedding_size=vocab + 16, rope_theta=10000.0, max_sequence_length=1024,
-                        mask_token_id=MASK, eos_token_id=EOS, pad_token_id=EOS)
+    cfg = M.ModelConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
+                        vocab_size=vocab, embedding_size=vocab + 16, rope_theta=10000.0,
+                        max_sequence_length=1024, mask_token_id=MASK, eos_token_id=EOS,
+                        pad_token_id=EOS)
     torch.manual_seed(0)
     d = str(base / "llada")
     M.save_pretrained(d, cfg, M.LLaDA(cfg).state_dict(), max_shard_bytes=40_000)
@@ -86,8 +92,10 @@ sys.exit(train_llada.main(sys.argv[1:]))
 
 def run(args, nproc=1, check=True, crash=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [])
-    script = [os.path.join(ROOT, "train_llada.py")] if crash is None else ["-c", KILLED.format(crash=crash)]
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+                              if nproc > 1 else [])
+    script = ([os.path.join(ROOT, "train_llada.py")] if crash is None
+              else ["-c", KILLED.format(crash=crash)])
     p = subprocess.run(cmd + script + args, env=env, capture_output=True, text=True, timeout=600)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
@@ -114,7 +122,8 @@ def test_sharded_round_trip(tiny_dir, tmp_path):
     M.save_pretrained(again, m.cfg, m.state_dict(), max_shard_bytes=40_000)
     a, b = weights(tiny_dir), weights(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # through the script: FSDP2 load of each rank's rows, full-state gather, export; lr 0 changes nothing
+    # through the script: FSDP2 load of each rank's rows, full-state gather, export;
+    # lr 0 changes nothing
     out = str(tmp_path / "lr0")
     run(FLAGS + ["--model_dir", tiny_dir, "--out", out, "--steps", "1", "--lr", "0", "--skip_eval"])
     c = weights(os.path.join(latest(out), "hf"))
@@ -127,7 +136,8 @@ def test_copsd_one_process(one_process, tiny_dir):
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["d"] > 0 for r in log)
-    assert sorted(e for e in os.listdir(out) if e.startswith("step-")) == ["step-000002", "step-000004"]
+    assert (sorted(e for e in os.listdir(out) if e.startswith("step-"))
+            == ["step-000002", "step-000004"])
     hf = os.path.join(latest(out), "hf")
     assert {"config.json", M.INDEX, "tokenizer.json"} <= set(os.listdir(hf))
     before, after = weights(tiny_dir), weights(hf)
@@ -142,7 +152,8 @@ def test_copsd_one_process(one_process, tiny_dir):
 def test_two_processes_match_one(one_process, tiny_dir, tmp_path):
     out1, _ = one_process
     out2 = str(tmp_path / "two")
-    run(FLAGS + ["--model_dir", tiny_dir, "--out", out2, "--skip_eval", "--act_ckpt"], nproc=2)  # recompute: same numbers
+    # recompute: same numbers
+    run(FLAGS + ["--model_dir", tiny_dir, "--out", out2, "--skip_eval", "--act_ckpt"], nproc=2)
     a, b = weights(os.path.join(latest(out1), "hf")), weights(os.path.join(latest(out2), "hf"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
@@ -154,7 +165,8 @@ def test_two_processes_match_one(one_process, tiny_dir, tmp_path):
 def test_resume_after_kill_is_bit_exact(one_process, tiny_dir, tmp_path):
     out1, _ = one_process
     out = str(tmp_path / "killed")
-    # killed in step 4's update; its last checkpoint (after step 2) is mid-rollout-window (steps 1-3)
+    # killed in step 4's update;
+    # its last checkpoint (after step 2) is mid-rollout-window (steps 1-3)
     p = run(FLAGS + ["--model_dir", tiny_dir, "--out", out, "--skip_eval"], check=False, crash=4)
     assert p.returncode == 3, p.stderr[-2000:]
     assert os.path.basename(latest(out)) == "step-000002"
@@ -166,10 +178,11 @@ def test_resume_after_kill_is_bit_exact(one_process, tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("method", ["self", "sft", "selfusion", "dopsd"])
 def test_other_methods(tiny_dir, tmp_path, method):
-    """Base-Self, SFT and the related methods run through the same loop (one process, in-process)."""
+    """Base-Self, SFT and the related methods run through the same loop (one process,
+    in-process)."""
     out = str(tmp_path / method)
-    args = FLAGS + ["--model_dir", tiny_dir, "--out", out, "--method", method, "--steps", "2", "--skip_eval",
-                    "--n_train", "8"]
+    args = FLAGS + ["--model_dir", tiny_dir, "--out", out, "--method", method, "--steps", "2",
+                    "--skip_eval", "--n_train", "8"]
     assert T.main(args) == 0
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
     assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
@@ -226,9 +239,10 @@ def test_missing_files(tiny_dir, tmp_path, capsys):
 
 
 def test_bad_flags(tiny_dir, capsys):
-    assert "does not divide --block_length" in error_of(capsys, "--model_dir", tiny_dir, "--eval_tokens_per_step", "3")
-    assert "--prompts_per_step" in error_of(capsys, "--model_dir", tiny_dir, "--prompts_per_step", "3",
-                                            "--micro_batch", "2")
+    assert "does not divide --block_length" in error_of(capsys, "--model_dir", tiny_dir,
+                                                        "--eval_tokens_per_step", "3")
+    assert "--prompts_per_step" in error_of(capsys, "--model_dir", tiny_dir, "--prompts_per_step",
+                                            "3", "--micro_batch", "2")
 
 
 def test_method_choices_are_the_methods_that_run(capsys):
@@ -305,7 +319,8 @@ def test_bench_rates_are_consistent_with_their_times(tiny_dir, tmp_path, capsys)
 
 # d1's user message for one puzzle (its eval/sudoku.py instruction, a blank line, the question)
 D1_MESSAGE = """
-Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string reading left-to-right, top-to-bottom, where '0' represents empty cells.
+Please solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character string \
+reading left-to-right, top-to-bottom, where '0' represents empty cells.
 
 Rules:
 - Fill empty cells with digits 1-4
@@ -313,7 +328,8 @@ Rules:
 - Each column must contain digits 1-4 exactly once
 - Each 2x2 box must contain digits 1-4 exactly once
 
-Important: Your solution must be a COMPLETE 16-character string with only the digits 1-4, representing your final solved grid.
+Important: Your solution must be a COMPLETE 16-character string with only the digits 1-4, \
+representing your final solved grid.
 
 Respond in this exact format:
 <reasoning>
@@ -342,7 +358,8 @@ def test_d1_prompt_and_puzzles():
     assert T.SUDOKU_PROMPT.format(puzzle="3102200002100320") == D1_MESSAGE
     # LLaDA's chat template trims the message; d1 prefills the reasoning
     text = T.prompt_text({"prompt": D1_MESSAGE, "prefill": "<reasoning>"})
-    assert text == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n" + D1_MESSAGE.strip()
+    assert text == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n"
+                    + D1_MESSAGE.strip()
                     + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<reasoning>")
     minimal = T.make_data(T.parse_config(T.TrainConfig, ["--n_train", "4", "--n_eval", "4",
                                                           "--sudoku_puzzles", "minimal"]))[1]
