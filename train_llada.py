@@ -93,11 +93,14 @@ class TrainConfig(MethodConfig):
     block_length: int = flag(32, "tokens per block of the sampler")
     remasking: str = flag("low_confidence", "which masked positions a step decodes",
                           choices=("low_confidence", "random"))
-    rollout_cache: str = flag("dual", "K/V cache of training rollouts (Fast-dLLM; README: 5x "
-                                      "faster at 8B, the toy's accuracy unchanged)",
+    rollout_cache: str = flag("dual", "K/V cache of training rollouts (Fast-dLLM; README: a 4.9x "
+                                      "shorter 8B COPSD step, 1-3 points on the toy)",
                               choices=("none", "prefix", "dual"))
     eval_cache: str = flag("none", "K/V cache in evaluation (none: exact, as the paper's Table 1)",
                            choices=("none", "prefix", "dual"))
+    cache_refresh: int = flag(0, "with a cache (rollouts, evaluation): also the full forward "
+                                 "every this many steps of a block (0: at its start only, as "
+                                 "Fast-dLLM; README: its price and what it buys)")
     eval_tokens_per_step: tuple = flag((2, 4, 8, 16), "tokens per step in evaluation (Table 1)")
     eval_threshold: float = flag(0.0, "confidence-threshold decoding in evaluation (Fast-dLLM): "
                                       "one column, with its tokens per forward; 0 = off")
@@ -453,27 +456,35 @@ def forward_flops(c, rows, q, kv=None, head=0):
                    + 2 * head * c.d_model * c.embedding_size)
 
 
-def sampler_flops(c, cfg, rows, P, forwards, cache):
+def full_calls(n, refresh):
+    """Of a block's n model calls, those that run the whole sequence: the first, and with
+    generate's refresh=r every r-th."""
+    return 1 + (n - 1) // refresh if refresh else 1
+
+
+def sampler_flops(c, cfg, rows, P, forwards, cache, refresh=0):
     """generate's model FLOPs for `rows` responses after a prompt of width P, `forwards` model
-    calls per block: each block's first call runs the whole sequence; with a cache the others
-    run the block and what follows it (prefix) or the block alone (dual), attending to all of
-    it. The head runs on the block. Classifier-free guidance doubles the rows."""
+    calls per block: each block's first call (and every refresh-th) runs the whole sequence;
+    with a cache the others run the block and what follows it (prefix) or the block alone
+    (dual), attending to all of it. The head runs on the block. Classifier-free guidance
+    doubles the rows."""
     S, total = P + cfg.gen_length, 0
     rows *= 2 if cfg.cfg_scale > 0 else 1
     for b, n in enumerate(forwards):
         window = dict(none=S, prefix=S - P - b * cfg.block_length, dual=cfg.block_length)[cache]
-        total += (forward_flops(c, rows, S, head=cfg.block_length)
-                  + (n - 1) * forward_flops(c, rows, window, S, head=cfg.block_length))
+        full = full_calls(n, refresh)
+        total += (full * forward_flops(c, rows, S, head=cfg.block_length)
+                  + (n - full) * forward_flops(c, rows, window, S, head=cfg.block_length))
     return total
 
 
-def sampler_bytes(c, rows, S, forwards, cache):
+def sampler_bytes(c, rows, S, forwards, cache, refresh=0):
     """The fewest bytes generate moves: every call reads the bf16 weights once (the embedding
     only at its rows), and a cached call reads the K/V cache of all S positions."""
     weights = 2 * (block_weights(c) + c.d_model * c.embedding_size)
     kv = 2 * 2 * c.n_layers * rows * c.n_kv_heads * S * c.head_dim
-    n = sum(forwards)
-    return n * weights + (0 if cache == "none" else (n - len(forwards)) * kv)
+    n, full = sum(forwards), sum(full_calls(f, refresh) for f in forwards)
+    return n * weights + (0 if cache == "none" else (n - full) * kv)
 
 
 def update_flops(c, cfg, ro):
@@ -498,7 +509,7 @@ def sampler(cfg, mcfg, tokens_per_step, cache, **kw):
                 cfg_scale=cfg.cfg_scale, logits_eos_inf=cfg.logits_eos_inf,
                 confidence_eos_eot_inf=cfg.confidence_eos_eot_inf, eos_id=mcfg.eos_token_id,
                 eot_id=cfg.eot_id, confidence_dtype=getattr(torch, cfg.confidence_dtype),
-                cuda_graph=cfg.cuda_graph, **kw)
+                cuda_graph=cfg.cuda_graph, refresh=cfg.cache_refresh, **kw)
 
 
 def draw(model, batch, cfg, mcfg, g, stats):
@@ -711,7 +722,7 @@ def sample(model, rows, cfg, mcfg, steps, dev):
                 if stats:
                     tokens += len(ro) * cfg.gen_length
                     flops += sampler_flops(mcfg, cfg, len(ro), ro.P, stats["forwards"],
-                                           cfg.rollout_cache)
+                                           cfg.rollout_cache, cfg.cache_refresh)
     return out, tokens, flops
 
 
@@ -818,7 +829,8 @@ def bench_sampler(model, mcfg, cfg, dev):
     """The sampler alone, greedy on random prompts of --bench_prompt_len at
     --train_tokens_per_step, for each setting (cache, CUDA graph, threshold 0.9) and batch:
     tokens/s, tokens per forward, peak memory over the weights', and the floor: model FLOPs
-    over --peak_flops or bytes over --peak_bandwidth, whichever is larger."""
+    over --peak_flops or bytes over --peak_bandwidth, whichever is larger. The dual cache is
+    also timed with refresh 2 (the full forward at every other step)."""
     g = torch.Generator().manual_seed(cfg.seed)
     vocab, P = min(mcfg.vocab_size, mcfg.mask_token_id), cfg.bench_prompt_len
     cuda = dev.type == "cuda"
@@ -826,11 +838,11 @@ def bench_sampler(model, mcfg, cfg, dev):
     model.eval()
     lines = []
     with gathered(model, True):
-        for cache, graph, threshold in [("none", False, None), ("prefix", False, None),
-                                        ("dual", False, None), ("dual", True, None),
-                                        ("dual", True, 0.9)]:
+        for cache, graph, threshold, refresh in [
+                ("none", False, None, 0), ("prefix", False, None, 0), ("dual", False, None, 0),
+                ("dual", True, None, 0), ("dual", True, None, 2), ("dual", True, 0.9, 0)]:
             kw = sampler(cfg, mcfg, cfg.train_tokens_per_step, cache, threshold=threshold)
-            kw["cuda_graph"] = graph
+            kw.update(cuda_graph=graph, refresh=refresh)
             warm = dict(kw, gen_length=cfg.block_length, steps=kw["steps"] // n_blocks)
             copsd.generate(model, torch.randint(0, vocab, (1, P), generator=g).to(dev), None,
                            mcfg.mask_token_id, **warm)
@@ -846,20 +858,21 @@ def bench_sampler(model, mcfg, cfg, dev):
                 sync(dev)
                 secs = time.perf_counter() - t0
                 peak = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30 if cuda else 0.0
-                fl = sampler_flops(mcfg, cfg, B, P, stats["forwards"], cache) / cfg.peak_flops
-                by = sampler_bytes(mcfg, B, P + cfg.gen_length, stats["forwards"], cache)
+                fl = sampler_flops(mcfg, cfg, B, P, stats["forwards"], cache, refresh)
+                fl /= cfg.peak_flops
+                by = sampler_bytes(mcfg, B, P + cfg.gen_length, stats["forwards"], cache, refresh)
                 by /= cfg.peak_bandwidth
                 tpf = copsd.tokens_per_forward(states, mcfg.mask_token_id)
                 lines.append(f"| {cache} | {'yes' if graph else 'no'} | {threshold or '—'} | "
-                             f"{B} | "
+                             f"{refresh or '—'} | {B} | "
                              f"{B * cfg.gen_length / secs:.1f} | {tpf:.2f} | {secs:.3g} | "
                              f"{max(fl, by):.3g} ({'FLOPs' if fl >= by else 'bytes'}) | "
                              f"{secs / max(fl, by):.1f} | {peak:.2f} |")
     if dist.get_rank() == 0:
         print(f"\nsampler: prompt {P}, gen {cfg.gen_length}, block {cfg.block_length}, "
               f"{cfg.train_tokens_per_step} tokens/step, greedy\n| cache | CUDA graph | threshold "
-              "| B | tokens/s | TPF | s | floor s | measured / floor | peak GiB over weights |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
+              "| refresh | B | tokens/s | TPF | s | floor s | measured / floor | peak GiB over "
+              "weights |\n|---|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(lines))
 
 

@@ -282,8 +282,8 @@ def tables(text):
             out.append({})
         elif len(out) == 1:  # the phase table, keyed by the phase
             out[-1][cells[0]] = cells[1:]
-        else:  # the sampler table, keyed by cache, CUDA graph, threshold and batch
-            out[-1][" ".join(cells[:4])] = cells[4:]
+        else:  # the sampler table, keyed by cache, CUDA graph, threshold, refresh and batch
+            out[-1][" ".join(cells[:5])] = cells[5:]
     return out
 
 
@@ -306,12 +306,26 @@ def test_bench_rates_are_consistent_with_their_times(tiny_dir, tmp_path, capsys)
         assert rate * secs == pytest.approx(tokens[name], rel=0.02), name
     assert rows["step"][0] == pytest.approx(rows["sampling (generated tokens)"][0]
                                             + rows["update (rows x (P+L) tokens)"][0], rel=0.02)
-    assert len(samplers) == 5 * 2  # none, prefix, dual, dual + graph (+ threshold); B = 1, 3
+    # none, prefix, dual, dual + graph (+ refresh 2, + threshold); B = 1, 3
+    assert len(samplers) == 6 * 2
     for key, (rate, tpf, secs, floor, ratio, mem) in samplers.items():
         B = int(key.split()[-1])
         assert float(rate) * float(secs) == pytest.approx(B * 32, rel=0.02), key
-        assert float(tpf) == 2.0 if "—" in key else float(tpf) >= 1.0
+        assert float(tpf) == 2.0 if key.split()[2] == "—" else float(tpf) >= 1.0
         assert float(floor.split()[0]) > 0 and float(ratio) > 0
+
+
+def test_sampler_floor_counts_the_refreshed_forwards(tiny_dir):
+    """A cache refreshed at every step (refresh=1) runs every call over the whole sequence: the
+    FLOPs of no cache, and no cached reads; refresh 2 lies between the plain cache and none."""
+    c, cfg = M.read_config(tiny_dir), T.TrainConfig(gen_length=32, block_length=16)
+    forwards, P = [8, 8], 16
+    none = T.sampler_flops(c, cfg, 4, P, forwards, "none")
+    dual = [T.sampler_flops(c, cfg, 4, P, forwards, "dual", r) for r in (0, 2, 1)]
+    assert dual[0] < dual[1] < dual[2] == none
+    assert T.full_calls(8, 0) == 1 and T.full_calls(8, 2) == 4 and T.full_calls(8, 3) == 3
+    by = [T.sampler_bytes(c, 4, P + 32, forwards, "dual", r) for r in (0, 2, 1)]
+    assert by[0] > by[1] > by[2] == T.sampler_bytes(c, 4, P + 32, forwards, "none")
 
 
 # ----------------------------------------------------------------------------------------------
