@@ -9,6 +9,8 @@
     python sudoku.py --methods base,self,copsd,sft,sft+copsd,selfusion,dopsd,opdlm
     python sudoku.py --study          # everything, every regime, budgets chosen on validation
     python sudoku.py --solve 1000002000300004   # a puzzle of your own, 0 = blank
+    python sudoku.py --device cuda --methods base,opdlm --opdlm_steps 16000 --curve_every 200
+                                      # OPDLM to the end of its conversion, on a GPU (minutes)
 
 Methods (--methods): self = Base-Self, naive self-distillation (Alg. 1); copsd (Alg. 2, in the
 reading --objective); sft = the MDM loss on ground-truth solutions; sft+X = SFT, then X; the
