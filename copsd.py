@@ -197,7 +197,8 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
     softmax's precision (LLaDA's code ranks a bf16 softmax, with ties; float64 has none).
     cuda_graph: on a GPU, dual's block steps replay one captured CUDA graph (a small batch is
     otherwise bound by the host launching each forward's kernels). stats, a dict, receives
-    "forwards": the model calls of each block."""
+    "forwards": the model calls of each block, and "full": those of them over the whole
+    sequence (with a cache: the block's first, and every refresh-th)."""
     if gen_length % block_length:
         raise ValueError(f"gen_length={gen_length} is not a multiple of "
                          f"block_length={block_length}")
@@ -218,7 +219,7 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
     attn = with_response(prompt_attn, gen_length)
     if cfg_scale > 0:  # the unconditional rows: the same sequences with the prompt masked
         attn = stacked(attn, 2)
-    states, forwards = [x.clone()] if record else None, []
+    states, forwards, fulls = [x.clone()] if record else None, [], []
     kv, step = (None if cache == "none" else {}), None  # the K/V cache; dual's graphed step
     for b in range(n_blocks):
         lo, hi = P + b * block_length, P + (b + 1) * block_length
@@ -227,11 +228,12 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
         # the host queue the next forward while the device runs this one
         k_max = schedule.max(0).values.tolist()
         earlier = bool((x[:, P:lo] == mask_id).any())  # positions left masked before the block
-        i = 0
+        i = n_full = 0
         while (i < len(k_max) if threshold is None else
                i < block_length and (x[:, lo:hi] == mask_id).any()):
             # the cache's forward (at the block's start, and every `refresh` steps), or no cache
             full = cache == "none" or i == 0 or (refresh > 0 and i % refresh == 0)
+            n_full += full
             w_lo, w_hi = (0, S) if full else (lo, S if cache == "prefix" else hi)
             c_lo = P if full and earlier else lo  # the candidates' span: c_lo..hi
             inp = x if cfg_scale == 0 else torch.cat([x, unconditional(x, P, mask_id)])
@@ -270,8 +272,9 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
             if record:
                 states.append(x.clone())
         forwards.append(i)
+        fulls.append(n_full)
     if stats is not None:
-        stats["forwards"] = forwards
+        stats.update(forwards=forwards, full=fulls)
     return (x, torch.stack(states, 1)) if record else x
 
 

@@ -456,34 +456,27 @@ def forward_flops(c, rows, q, kv=None, head=0):
                    + 2 * head * c.d_model * c.embedding_size)
 
 
-def full_calls(n, refresh):
-    """Of a block's n model calls, those that run the whole sequence: the first, and with
-    generate's refresh=r every r-th."""
-    return 1 + (n - 1) // refresh if refresh else 1
-
-
-def sampler_flops(c, cfg, rows, P, forwards, cache, refresh=0):
-    """generate's model FLOPs for `rows` responses after a prompt of width P, `forwards` model
-    calls per block: each block's first call (and every refresh-th) runs the whole sequence;
-    with a cache the others run the block and what follows it (prefix) or the block alone
-    (dual), attending to all of it. The head runs on the block. Classifier-free guidance
-    doubles the rows."""
+def sampler_flops(c, cfg, rows, P, stats, cache):
+    """generate's model FLOPs for `rows` responses after a prompt of width P, from its stats:
+    per block, the model calls ("forwards") and those over the whole sequence ("full"); with a
+    cache the others run the block and what follows it (prefix) or the block alone (dual),
+    attending to all of it. The head runs on the block. Classifier-free guidance doubles the
+    rows."""
     S, total = P + cfg.gen_length, 0
     rows *= 2 if cfg.cfg_scale > 0 else 1
-    for b, n in enumerate(forwards):
+    for b, (n, full) in enumerate(zip(stats["forwards"], stats["full"])):
         window = dict(none=S, prefix=S - P - b * cfg.block_length, dual=cfg.block_length)[cache]
-        full = full_calls(n, refresh)
         total += (full * forward_flops(c, rows, S, head=cfg.block_length)
                   + (n - full) * forward_flops(c, rows, window, S, head=cfg.block_length))
     return total
 
 
-def sampler_bytes(c, rows, S, forwards, cache, refresh=0):
+def sampler_bytes(c, rows, S, stats, cache):
     """The fewest bytes generate moves: every call reads the bf16 weights once (the embedding
     only at its rows), and a cached call reads the K/V cache of all S positions."""
     weights = 2 * (block_weights(c) + c.d_model * c.embedding_size)
     kv = 2 * 2 * c.n_layers * rows * c.n_kv_heads * S * c.head_dim
-    n, full = sum(forwards), sum(full_calls(f, refresh) for f in forwards)
+    n, full = sum(stats["forwards"]), sum(stats["full"])
     return n * weights + (0 if cache == "none" else (n - full) * kv)
 
 
@@ -721,8 +714,7 @@ def sample(model, rows, cfg, mcfg, steps, dev):
                 ro = out[(s, j)] = draw(model, make_batch(picked, mcfg, dev), cfg, mcfg, g, stats)
                 if stats:
                     tokens += len(ro) * cfg.gen_length
-                    flops += sampler_flops(mcfg, cfg, len(ro), ro.P, stats["forwards"],
-                                           cfg.rollout_cache, cfg.cache_refresh)
+                    flops += sampler_flops(mcfg, cfg, len(ro), ro.P, stats, cfg.rollout_cache)
     return out, tokens, flops
 
 
@@ -858,9 +850,8 @@ def bench_sampler(model, mcfg, cfg, dev):
                 sync(dev)
                 secs = time.perf_counter() - t0
                 peak = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30 if cuda else 0.0
-                fl = sampler_flops(mcfg, cfg, B, P, stats["forwards"], cache, refresh)
-                fl /= cfg.peak_flops
-                by = sampler_bytes(mcfg, B, P + cfg.gen_length, stats["forwards"], cache, refresh)
+                fl = sampler_flops(mcfg, cfg, B, P, stats, cache) / cfg.peak_flops
+                by = sampler_bytes(mcfg, B, P + cfg.gen_length, stats, cache)
                 by /= cfg.peak_bandwidth
                 tpf = copsd.tokens_per_forward(states, mcfg.mask_token_id)
                 lines.append(f"| {cache} | {'yes' if graph else 'no'} | {threshold or '—'} | "

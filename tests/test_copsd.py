@@ -568,11 +568,13 @@ def test_cache_refresh_runs_the_full_forward_every_r_steps(cache):
     _, ref = copsd.generate(m, prompt, pattn, MASK, record=True, **{**kw, "cache": "none"})
     _, states = copsd.generate(m, prompt, pattn, MASK, record=True, refresh=1, **kw)
     assert torch.equal(states, ref)
-    spy = Spy(m)
-    copsd.generate(spy, prompt, pattn, MASK, refresh=2, **kw)
+    spy, stats = Spy(m), {}
+    copsd.generate(spy, prompt, pattn, MASK, refresh=2, stats=stats, **kw)
     S, widths = P + 12, [idx.shape[1] for idx, _, _ in spy.calls]
     after = [S - P - 4 * b if cache == "prefix" else 4 for b in range(3)]
     assert widths == [w for a in after for w in (S, a, S, a)]
+    # the stats count the calls over the whole sequence (train_llada's FLOPs floor reads them)
+    assert stats == dict(forwards=[4, 4, 4], full=[2, 2, 2])
 
 
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])

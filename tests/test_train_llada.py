@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import copsd  # noqa: E402
 import model as M  # noqa: E402
 import sudoku  # noqa: E402
 import train_llada as T  # noqa: E402
@@ -317,15 +318,24 @@ def test_bench_rates_are_consistent_with_their_times(tiny_dir, tmp_path, capsys)
 
 def test_sampler_floor_counts_the_refreshed_forwards(tiny_dir):
     """A cache refreshed at every step (refresh=1) runs every call over the whole sequence: the
-    FLOPs of no cache, and no cached reads; refresh 2 lies between the plain cache and none."""
+    FLOPs of no cache, and no cached reads; refresh 2 lies between the plain cache and none.
+    The counts are generate's own (its stats), for 8 steps per block."""
     c, cfg = M.read_config(tiny_dir), T.TrainConfig(gen_length=32, block_length=16)
-    forwards, P = [8, 8], 16
-    none = T.sampler_flops(c, cfg, 4, P, forwards, "none")
-    dual = [T.sampler_flops(c, cfg, 4, P, forwards, "dual", r) for r in (0, 2, 1)]
-    assert dual[0] < dual[1] < dual[2] == none
-    assert T.full_calls(8, 0) == 1 and T.full_calls(8, 2) == 4 and T.full_calls(8, 3) == 3
-    by = [T.sampler_bytes(c, 4, P + 32, forwards, "dual", r) for r in (0, 2, 1)]
-    assert by[0] > by[1] > by[2] == T.sampler_bytes(c, 4, P + 32, forwards, "none")
+    model, P = M.LLaDA(c), 16
+    prompt = torch.randint(0, MASK, (4, P), generator=torch.Generator().manual_seed(0))
+
+    def stats(cache, refresh=0):
+        out = {}
+        copsd.generate(model, prompt, None, MASK, 32, 16, 16, cache=cache, refresh=refresh,
+                       stats=out)
+        return out
+
+    none, runs = stats("none"), [stats("dual", r) for r in (0, 2, 1)]
+    assert [s["full"] for s in runs] == [[1, 1], [4, 4], [8, 8]] and none["full"] == [8, 8]
+    flops = [T.sampler_flops(c, cfg, 4, P, s, "dual") for s in runs]
+    assert flops[0] < flops[1] < flops[2] == T.sampler_flops(c, cfg, 4, P, none, "none")
+    by = [T.sampler_bytes(c, 4, P + 32, s, "dual") for s in runs]
+    assert by[0] > by[1] > by[2] == T.sampler_bytes(c, 4, P + 32, none, "none")
 
 
 # ----------------------------------------------------------------------------------------------
