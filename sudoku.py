@@ -632,8 +632,9 @@ def run_row(cfg, seed, stages, flags, keep=False):
     if not os.path.exists(os.path.join(d, "result.json")):
         data, teacher, history, curve = regime_data(c, seed), None, [], []
         if stages == ["opdlm"]:
-            teacher = from_pretrained(ar_teacher(c, seed), c.device).requires_grad_(False)
-            model = from_pretrained(ar_teacher(c, seed), c.device)
+            ar = ar_teacher(c, seed)
+            teacher = from_pretrained(ar, c.device).requires_grad_(False)
+            model = from_pretrained(ar, c.device)
             model.cfg = dataclasses.replace(model.cfg, causal=False)
         else:
             model = from_pretrained(pretrain(c, seed), c.device)
@@ -873,37 +874,45 @@ def report(results, cols, regime):
                                              for m, s in zip(v.mean(0), v.std(0))))
 
 
+def pyplot():
+    import matplotlib  # the figures only: sudoku.py runs without it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def figure(path, panels, draw, xlabel, ylabel, log_ns=None):
+    """One PNG, a panel per {title: data}: draw(ax, data), the axes' labels, a grid, the legend
+    in the last panel (log_ns: a log2 x axis with these ticks)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, data) in zip(axes[0], panels.items()):
+        draw(ax, data)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        if log_ns:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(log_ns, [str(n) for n in log_ns])
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot(results, out_dir, cols, cfg):
     """The README's figures, from the study's results: accuracy over tokens per step (Table 1
     and the related methods as a picture), learning curves, Figure 2 (the calibration distance
     over training) and Figure 3 (accuracy over s/T)."""
-    import matplotlib  # the figures only: sudoku.py runs without it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     os.makedirs(out_dir, exist_ok=True)
-    regimes = list(results)
     ns = [int(n) for n in cols]
-    hues = [plt.cm.tab20(j) for j in [*range(0, 20, 2), *range(1, 20, 2)]]
+    hues = [pyplot().cm.tab20(j) for j in [*range(0, 20, 2), *range(1, 20, 2)]]
     color = dict(zip(["Base", *MAIN, *OTHER], hues))  # a row keeps its color in every figure
+    panels = {f"{r} (lr {res['lr']}, {res['steps']} steps)": res["table"]
+              for r, res in results.items()}
 
     def acc(runs, n):
         v = 100 * np.array([r["test"][n]["cell_acc"] for r in runs])
         return v.mean(), v.std()
-
-    def figure(name, draw, ylabel, xlabel, log=False):
-        fig, axes = plt.subplots(1, len(regimes), figsize=(5 * len(regimes), 4), squeeze=False)
-        for ax, r in zip(axes[0], regimes):
-            draw(ax, results[r]["table"])
-            ax.set(title=f"{r} (lr {results[r]['lr']}, {results[r]['steps']} steps)",
-                   xlabel=xlabel, ylabel=ylabel)
-            if log:
-                ax.set_xscale("log", base=2)
-                ax.set_xticks(ns, [str(n) for n in ns])
-            ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, name), dpi=110)
-        plt.close(fig)
 
     def by_tokens(names):
         def draw(ax, table):
@@ -937,26 +946,25 @@ def plot(results, out_dir, cols, cfg):
                         label=f"COPSD, {n} tokens/step")
             ax.axhline(acc(table["Base"], n)[0], ls=":", color="gray")
 
-    figure("table1.png", by_tokens(["Base"] + list(MAIN)), "blank cells correct (%)",
-           "tokens per step", True)
-    figure("related.png", by_tokens(["Base", "Base-Self", "COPSD", "SFT", "SFT + Base-Self",
-                                     "SFT + COPSD", "SelFusion", "d-OPSD", "OPDLM"]),
-           "blank cells correct (%)", "tokens per step", True)
-    figure("curves.png", curves, "validation blank cells (%)",
-           "post-training step (solid: 1, dashed: 16 tokens/step)")
-    figure("figure2.png", distance, "calibration distance d (5-step mean)", "post-training step")
-    figure("figure3.png", s_sweep, "blank cells correct (%)", "s/T (t/T = 0.9); gray: Base")
+    def save(name, draw, ylabel, xlabel, log_ns=None):
+        figure(os.path.join(out_dir, name), panels, draw, xlabel, ylabel, log_ns)
+
+    save("table1.png", by_tokens(["Base"] + list(MAIN)), "blank cells correct (%)",
+         "tokens per step", ns)
+    save("related.png", by_tokens(["Base", "Base-Self", "COPSD", "SFT", "SFT + Base-Self",
+                                   "SFT + COPSD", "SelFusion", "d-OPSD", "OPDLM"]),
+         "blank cells correct (%)", "tokens per step", ns)
+    save("curves.png", curves, "validation blank cells (%)",
+         "post-training step (solid: 1, dashed: 16 tokens/step)")
+    save("figure2.png", distance, "calibration distance d (5-step mean)", "post-training step")
+    save("figure3.png", s_sweep, "blank cells correct (%)", "s/T (t/T = 0.9); gray: Base")
 
 
 def plot_curves(panels, path):
     """Learning curves of runs with --curve_every, one panel per {title: results}: each trained
     row's validation accuracy (mean over seeds; solid 1, dashed 16 tokens/step) and, as
     horizontal lines, the rows that did not train (the base, OPDLM's AR teacher)."""
-    import matplotlib  # the figures only: sudoku.py runs without it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (title, results) in zip(axes[0], panels.items()):
+    def draw(ax, results):
         for i, (row, runs) in enumerate(results.items()):
             for n, style in (("1", "-"), ("16", "--")):
                 label = row if n == "1" else None
@@ -967,13 +975,9 @@ def plot_curves(panels, path):
                 elif "val" in runs[0]:
                     ax.axhline(100 * np.mean([r["val"][n]["cell_acc"] for r in runs]),
                                ls=style, lw=1, color=f"C{i}", label=label)
-        ax.set(title=title, xlabel="post-training step (solid: 1, dashed: 16 tokens/step)",
-               ylabel="validation blank cells (%)")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    figure(path, panels, draw, "post-training step (solid: 1, dashed: 16 tokens/step)",
+           "validation blank cells (%)")
 
 
 def solve(cfg):
