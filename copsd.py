@@ -13,7 +13,9 @@ time). With K responses per prompt, rows are prompt-major: prompt p's responses 
 p*K .. p*K + K - 1 (`per_prompt`). Log-probabilities, ratios and distances are float32.
 """
 
-from dataclasses import dataclass, fields, replace
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +135,71 @@ def mdm_loss(model, ro, mask_id, eps=1e-3, generator=None, t=None):
 # Eq. 1: the sampler (LLaDA's `generate`)
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """The sampler's options. n = gen_length / steps tokens per step ("# Tokens" in Table 1):
+    Sampler(...).at(n). LLaDA's: steps over all blocks, greedy (temperature 0) or Gumbel-max,
+    remasking by confidence or at random, cfg_scale (classifier-free guidance against the
+    prompt masked), logits_eos_inf (never predict EOS), confidence_eos_eot_inf (EOS and EOT
+    predictions rank last; LLaDA's code does this to EOT only at temperature > 0).
+    confidence_dtype: the softmax's precision (LLaDA ranks a bf16 softmax, with ties; float64
+    has none). Fast-dLLM's: cache "prefix" / "dual" (approximate K/V reuse within a block; see
+    step_forward), refresh (also the full forward every r-th step of a block), threshold
+    (unmask every position at least this confident; tokens per step is then a result), and
+    cuda_graph (dual's block steps replay one captured graph, on a GPU)."""
+    gen_length: int = 256
+    block_length: int = 32
+    steps: int = 128
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    cache: str = "none"
+    refresh: int = 0
+    threshold: float | None = None
+    cfg_scale: float = 0.0
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    eos_id: int = 126081
+    eot_id: int = 126348
+    confidence_dtype: torch.dtype = torch.float64
+    cuda_graph: bool = False
+
+    def __post_init__(self):
+        problems = [
+            (self.gen_length < 1 or self.block_length < 1 or self.gen_length % self.block_length,
+             f"gen_length={self.gen_length} is not a positive multiple of "
+             f"block_length={self.block_length}"),
+            (self.block_length > 0 and (self.steps < self.n_blocks or self.steps % self.n_blocks),
+             f"steps={self.steps} must be a positive multiple of the number of blocks "
+             f"({self.n_blocks})"),
+            (self.remasking not in ("low_confidence", "random"),
+             f"remasking must be 'low_confidence' or 'random', not {self.remasking!r}"),
+            (self.cache not in ("none", "prefix", "dual"),
+             f"cache must be 'none', 'prefix' or 'dual', not {self.cache!r}"),
+            (self.refresh < 0,
+             f"refresh must be >= 0 (0: refresh at each block's start only), not {self.refresh}"),
+            (self.threshold is not None and not 0 < self.threshold <= 1,
+             f"threshold must be in (0, 1] (or None: off), not {self.threshold}")]
+        for bad, message in problems:
+            if bad:
+                raise ValueError(message)
+
+    @property
+    def n_blocks(self):
+        return self.gen_length // max(self.block_length, 1)
+
+    @property
+    def tokens_per_step(self):
+        return self.gen_length / self.steps
+
+    def at(self, tokens_per_step):
+        """The same sampler decoding n tokens per step (n divides the block length)."""
+        n = tokens_per_step
+        if n < 1 or self.block_length % n:
+            raise ValueError(f"{n} tokens per step does not divide the block length "
+                             f"{self.block_length}")
+        return replace(self, steps=self.gen_length // n)
+
+
 def add_gumbel_noise(logits, temperature, generator=None):
     """LLaDA's Gumbel-max in float64: argmax of exp(logits) / (-log u)^τ samples
     softmax(logits / τ); τ = 0 is plain argmax. float64: low-precision Gumbel noise lowers
@@ -151,13 +218,6 @@ def num_transfer_tokens(n_masked, steps):
     return base[:, None] + (torch.arange(steps, device=n_masked.device) < rem[:, None]).long()
 
 
-def unconditional(x, P, mask_id):
-    """x with its prompt masked: classifier-free guidance's unconditional input."""
-    out = x.clone()
-    out[:, :P] = mask_id
-    return out
-
-
 def top_k_mask(scores, k, k_max=None):
     """Bool mask of each row's k[row] highest scores (batched: the top k_max = max(k), each row
     keeping its first k[row]). Giving k_max spares a device-to-host sync."""
@@ -167,108 +227,44 @@ def top_k_mask(scores, k, k_max=None):
 
 
 @torch.no_grad()
-def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=32, steps=128,
-             temperature=0.0, remasking="low_confidence", generator=None, record=False,
-             cache="none", refresh=0, threshold=None, cfg_scale=0.0, logits_eos_inf=False,
-             confidence_eos_eot_inf=False, eos_id=126081, eot_id=126348,
-             confidence_dtype=torch.float64, cuda_graph=False, stats=None):
-    """LLaDA's sampler: the reverse process of Eq. 1, n = block_length / steps-per-block tokens
-    per step ("# Tokens" in Table 1).
+def generate(model, prompt, prompt_attn, mask_id, sampler=None, *, generator=None, record=False,
+             stats=None, **options):
+    """LLaDA's sampler: the reverse process of Eq. 1 (options: Sampler; keyword `options`
+    override its fields).
 
-    Start from an all-M response; decode it block by block, left to right, steps / n_blocks steps
-    each. A step predicts the masked positions (argmax, or Gumbel-max at temperature τ), scores
-    them by the probability of their prediction (`low_confidence`) or at random (`random`), and
-    unmasks the top k, k spreading the block's masked count evenly over its steps. As LLaDA's
+    Start from an all-M response; decode it block by block, left to right, steps / n_blocks
+    steps each. A step predicts the masked positions, scores them by the probability of their
+    prediction (or at random), and unmasks the top k, k spreading the block's masked count
+    evenly over its steps (or, with a threshold, every position confident enough). As LLaDA's
     generate, the candidates are the block's masked positions and any left masked before it
-    (where the model predicted M itself). prompt (B, P) left-padded, prompt_attn (B, P) False at
-    padding (or None). Returns seq (B, P + gen_length); with record=True also the trajectory
+    (where the model predicted M itself). prompt (B, P) left-padded, prompt_attn (B, P) False
+    at padding (or None). Returns seq (B, P + gen_length); with record=True also the trajectory
     (B, T + 1, P + gen_length): the all-M start and the state after each of the T steps.
-
-    Faster, approximate decoding (Fast-dLLM): cache="prefix" or "dual" keeps every layer's K/V
-    from a full forward at each block's first step; the block's other steps recompute only the
-    block and what follows it (prefix) or the block alone (dual), attending to the cached rest.
-    refresh=r > 0 also runs the full forward (refreshing the whole cache) every r-th step of a
-    block: the cached prompt then sees the tokens decoded since (0: Fast-dLLM's block start only).
-    threshold: a step unmasks every candidate whose confidence is >= threshold, at least the
-    most confident one, until the block is done (then `steps` is only the block count's
-    multiple). LLaDA's options: cfg_scale (classifier-free guidance against the prompt masked),
-    logits_eos_inf (never predict EOS), confidence_eos_eot_inf (EOS and EOT predictions rank
-    last; LLaDA's code does this to EOT only at temperature > 0). confidence_dtype: the
-    softmax's precision (LLaDA's code ranks a bf16 softmax, with ties; float64 has none).
-    cuda_graph: on a GPU, dual's block steps replay one captured CUDA graph (a small batch is
-    otherwise bound by the host launching each forward's kernels). stats, a dict, receives
-    "forwards": the model calls of each block, and "full": those of them over the whole
-    sequence (with a cache: the block's first, and every refresh-th)."""
-    if gen_length % block_length:
-        raise ValueError(f"gen_length={gen_length} is not a multiple of "
-                         f"block_length={block_length}")
-    n_blocks = gen_length // block_length
-    if steps % n_blocks or steps < n_blocks:
-        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks "
-                         f"({n_blocks})")
-    if remasking not in ("low_confidence", "random"):
-        raise ValueError(f"remasking must be 'low_confidence' or 'random', not {remasking!r}")
-    if cache not in ("none", "prefix", "dual"):
-        raise ValueError(f"cache must be 'none', 'prefix' or 'dual', not {cache!r}")
-    if refresh < 0:
-        raise ValueError(f"refresh must be >= 0 (0: refresh at each block's start only), not "
-                         f"{refresh}")
+    stats, a dict, receives "forwards": the model calls of each block, and "full": those of
+    them over the whole sequence."""
+    sp = replace(sampler or Sampler(), **options)
     B, P = prompt.shape
-    S = P + gen_length
-    x = torch.cat([prompt, prompt.new_full((B, gen_length), mask_id)], 1)
-    attn = with_response(prompt_attn, gen_length)
-    if cfg_scale > 0:  # the unconditional rows: the same sequences with the prompt masked
-        attn = stacked(attn, 2)
+    x = torch.cat([prompt, prompt.new_full((B, sp.gen_length), mask_id)], 1)
+    forward = step_forward(model, sp, with_response(prompt_attn, sp.gen_length), P, mask_id)
     states, forwards, fulls = [x.clone()] if record else None, [], []
-    kv, step = (None if cache == "none" else {}), None  # the K/V cache; dual's graphed step
-    for b in range(n_blocks):
-        lo, hi = P + b * block_length, P + (b + 1) * block_length
-        schedule = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(1), steps // n_blocks)
-        # what the steps need on the host, read once per block: in a step, no device sync lets
-        # the host queue the next forward while the device runs this one
+    for lo in range(P, P + sp.gen_length, sp.block_length):
+        hi = lo + sp.block_length
+        schedule = num_transfer_tokens((x[:, lo:hi] == mask_id).sum(1), sp.steps // sp.n_blocks)
+        # read on the host once per block, so that no step waits for the device
         k_max = schedule.max(0).values.tolist()
         earlier = bool((x[:, P:lo] == mask_id).any())  # positions left masked before the block
         i = n_full = 0
-        while (i < len(k_max) if threshold is None else
-               i < block_length and (x[:, lo:hi] == mask_id).any()):
-            # the cache's forward (at the block's start, and every `refresh` steps), or no cache
-            full = cache == "none" or i == 0 or (refresh > 0 and i % refresh == 0)
-            n_full += full
-            w_lo, w_hi = (0, S) if full else (lo, S if cache == "prefix" else hi)
-            c_lo = P if full and earlier else lo  # the candidates' span: c_lo..hi
-            inp = x if cfg_scale == 0 else torch.cat([x, unconditional(x, P, mask_id)])
-            if kv is None:
-                logits = model(inp, attn, start=c_lo, end=hi)
-            elif full or not cuda_graph or x.device.type != "cuda":
-                logits = model(inp[:, w_lo:w_hi], attn, start=c_lo - w_lo, end=hi - w_lo,
-                               cache=kv, pos=w_lo)
-            else:  # dual's window has one shape in every block: one CUDA graph replays them all
-                step = step or graphed(model, inp[:, lo:hi], attn, kv, lo)
-                logits = step(inp[:, lo:hi], lo)
-            if cfg_scale > 0:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + (cfg_scale + 1) * (cond - uncond)
-            if logits_eos_inf:
-                logits[..., eos_id] = -torch.inf
-            x0 = add_gumbel_noise(logits, temperature, generator).argmax(-1)
+        while (i < len(k_max) if sp.threshold is None else
+               i < sp.block_length and (x[:, lo:hi] == mask_id).any()):
+            full = sp.cache == "none" or i == 0 or (sp.refresh > 0 and i % sp.refresh == 0)
+            c_lo = P if full and earlier else lo  # the candidates: positions c_lo..hi
+            x0, conf = predict(forward(x, full, c_lo, lo, hi), sp, generator)
             span = x[:, c_lo:hi]
-            if remasking == "low_confidence":
-                if confidence_eos_eot_inf:
-                    logits = logits.index_fill(-1, torch.tensor([eos_id, eot_id],
-                                                                device=x.device), -torch.inf)
-                conf = pick(F.softmax(logits.to(confidence_dtype), -1), x0)
-            else:
-                conf = torch.rand(span.shape, generator=generator, device=x.device,
-                                  dtype=torch.float64)
             masked = span == mask_id
-            conf = conf.masked_fill(~masked, -torch.inf)
-            if threshold is None:
-                transfer = top_k_mask(conf, schedule[:, i], k_max[i])
-            else:  # everything confident enough, and at least the most confident position
-                best = top_k_mask(conf, torch.ones_like(schedule[:, 0]), 1)
-                transfer = best | (conf >= threshold)
+            k = (schedule[:, i], k_max[i]) if sp.threshold is None else (None, None)
+            transfer = to_unmask(conf.masked_fill(~masked, -torch.inf), sp.threshold, *k)
             x[:, c_lo:hi] = torch.where(transfer & masked, x0, span)
-            i += 1
+            i, n_full = i + 1, n_full + full
             if record:
                 states.append(x.clone())
         forwards.append(i)
@@ -276,6 +272,70 @@ def generate(model, prompt, prompt_attn, mask_id, gen_length=256, block_length=3
     if stats is not None:
         stats.update(forwards=forwards, full=fulls)
     return (x, torch.stack(states, 1)) if record else x
+
+
+def step_forward(model, sp, attn, P, mask_id):
+    """The model call of a sampler step, as forward(x, full, c_lo, lo, hi) -> logits at
+    positions c_lo..hi of the current block lo..hi. cache="none": the whole sequence every step.
+    With a cache (Fast-dLLM) a full step (the block's first, and every refresh-th) runs the
+    whole sequence and stores every layer's K/V; the block's other steps recompute only the
+    block and what follows it (prefix) or the block alone (dual), attending to the cached rest
+    (which goes stale as the block fills in: an approximation). cfg_scale > 0 adds the
+    unconditional rows (the prompt masked) and mixes the two."""
+    kv = None if sp.cache == "none" else {}
+    attn = stacked(attn, 2) if sp.cfg_scale > 0 else attn
+    graph = None
+
+    def forward(x, full, c_lo, lo, hi):
+        nonlocal graph
+        S = x.shape[1]
+        inp = x if sp.cfg_scale == 0 else torch.cat([x, unconditional(x, P, mask_id)])
+        if kv is None:
+            logits = model(inp, attn, start=c_lo, end=hi)
+        elif full or not sp.cuda_graph or x.device.type != "cuda":
+            w_lo, w_hi = (0, S) if full else (lo, S if sp.cache == "prefix" else hi)
+            logits = model(inp[:, w_lo:w_hi], attn, start=c_lo - w_lo, end=hi - w_lo,
+                           cache=kv, pos=w_lo)
+        else:  # dual's window has one shape in every block: one CUDA graph replays them all
+            graph = graph or graphed(model, inp[:, lo:hi], attn, kv, lo)
+            logits = graph(inp[:, lo:hi], lo)
+        if sp.cfg_scale > 0:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + (sp.cfg_scale + 1) * (cond - uncond)
+        return logits
+    return forward
+
+
+def unconditional(x, P, mask_id):
+    """x with its prompt masked: classifier-free guidance's unconditional input."""
+    out = x.clone()
+    out[:, :P] = mask_id
+    return out
+
+
+def predict(logits, sp, generator=None):
+    """A step's prediction at each position (argmax, or Gumbel-max at sp.temperature) and its
+    score for remasking: the softmax probability of the prediction, or a uniform draw."""
+    if sp.logits_eos_inf:
+        logits[..., sp.eos_id] = -torch.inf
+    x0 = add_gumbel_noise(logits, sp.temperature, generator).argmax(-1)
+    if sp.remasking == "random":
+        return x0, torch.rand(x0.shape, generator=generator, device=x0.device,
+                              dtype=torch.float64)
+    if sp.confidence_eos_eot_inf:
+        special = torch.tensor([sp.eos_id, sp.eot_id], device=logits.device)
+        logits = logits.index_fill(-1, special, -torch.inf)
+    return x0, pick(F.softmax(logits.to(sp.confidence_dtype), -1), x0)
+
+
+def to_unmask(conf, threshold=None, k=None, k_max=None):
+    """Which positions a step decodes (conf is -inf where already decoded): each row's k most
+    confident (LLaDA), or with a threshold every position at least that confident and at least
+    the most confident one (Fast-dLLM's parallel decoding)."""
+    if threshold is None:
+        return top_k_mask(conf, k, k_max)
+    one = torch.ones(len(conf), dtype=torch.long, device=conf.device)
+    return top_k_mask(conf, one, 1) | (conf >= threshold)
 
 
 def tokens_per_forward(states, mask_id):
@@ -309,14 +369,15 @@ def graphed(model, inp, attn, kv, lo):
     return step
 
 
-def rollout(model, prompt, prompt_attn, mask_id, K=1, record=False, **sampler):
+def rollout(model, prompt, prompt_attn, mask_id, sampler, K=1, record=False, generator=None,
+            stats=None):
     """K of the model's own responses per prompt (Alg. 1, line 2), rows prompt-major; with
     record=True the decoding trajectories too (d-OPSD's and OPDLM's supervision)."""
     prompt, prompt_attn = per_prompt(prompt, K), per_prompt(prompt_attn, K)
-    out = generate(model, prompt, prompt_attn, mask_id, record=record, **sampler)
+    out = generate(model, prompt, prompt_attn, mask_id, sampler, generator=generator,
+                   record=record, stats=stats)
     seq, states = out if record else (out, None)
-    return Rollout(seq, with_response(prompt_attn, seq.shape[1] - prompt.shape[1]),
-                   prompt.shape[1], states)
+    return Rollout(seq, with_response(prompt_attn, sampler.gen_length), prompt.shape[1], states)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,6 +407,10 @@ def kd_divergence(logp_s, logp_t, beta=0.0, top_k=None):
     return beta * kl(logp_t, log_m) + (1 - beta) * kl(logp_s, log_m)
 
 
+def distance(logp_later, logp_early):
+    """Eq. 5's squared difference of the later and early views' probabilities of the same token
+    value, (p̃(v) - p(v))^2 = -b(v), from log-probabilities (of one token, or of each value)."""
+    return (logp_later.exp() - logp_early.exp()) ** 2
 
 
 @torch.no_grad()
@@ -368,15 +433,15 @@ def calibration(model, ro, mask_t, mask_ts, mask_id, keep_z=False, objective="pa
     logits = model(views, stacked(ro.attn, 2), start=P)
     logp_t, logp_ts = rearrange(F.log_softmax(logits, -1), "(v n) l V -> v n l V", v=2)
     old_logp = pick(logp_t, seq[:, P:])
-    out = dict(old_logp=old_logp, d=(pick(logp_ts, seq[:, P:]).exp() - old_logp.exp()) ** 2)
+    out = dict(old_logp=old_logp, d=distance(pick(logp_ts, seq[:, P:]), old_logp))
     if keep_z:
-        out["log_z"] = torch.logsumexp(logp_t - (logp_ts.exp() - logp_t.exp()) ** 2, dim=-1)
+        out["log_z"] = torch.logsumexp(logp_t - distance(logp_ts, logp_t), dim=-1)
     if objective in ("exact", "later"):
         ranked = logp_t if objective == "exact" else logp_ts
         idx = None if top_k is None else ranked.topk(top_k, dim=-1).indices
         lp, lp_s = ((logp_t, logp_ts) if idx is None else
                     (logp_t.gather(-1, idx), logp_ts.gather(-1, idx)))
-        target = lp - (lp_s.exp() - lp.exp()) ** 2 if objective == "exact" else lp_s
+        target = lp - distance(lp_s, lp) if objective == "exact" else lp_s
         out.update(target_logp=F.log_softmax(target, -1), target_idx=idx)
     return out
 
@@ -393,9 +458,9 @@ def group_normalize(b, K, eps=1e-6):
 
 
 @torch.no_grad()
-def copsd_rollout(model, prompt, prompt_attn, mask_id, *, K=4, t=0.9, s=0.5, random_s=False,
-                  keep_z=False, group_norm=True, objective="paper", top_k=None, generator=None,
-                  **sampler):
+def copsd_rollout(model, prompt, prompt_attn, mask_id, sampler, *, K=4, t=0.9, s=0.5,
+                  random_s=False, keep_z=False, group_norm=True, objective="paper", top_k=None,
+                  generator=None, stats=None):
     """COPSD's on-policy data (Eq. 7-10, Alg. 2 lines 2-4), drawn with the current weights θ'.
 
     K responses per prompt at temperature τ > 0, one nested mask pattern (y_t, y_{t-s}) per
@@ -404,7 +469,8 @@ def copsd_rollout(model, prompt, prompt_attn, mask_id, *, K=4, t=0.9, s=0.5, ran
     random_s: COPSD-Random, s ~ U(0, t) per prompt; keep_z: A from d + log Z; group_norm=False:
     A = d; objective: the loss's reading (copsd_loss), whose target it caches. Returns a
     Rollout."""
-    ro = rollout(model, prompt, prompt_attn, mask_id, K, generator=generator, **sampler)
+    ro = rollout(model, prompt, prompt_attn, mask_id, sampler, K, generator=generator,
+                 stats=stats)
     B, L = prompt.shape[0], ro.seq.shape[1] - ro.P
     if random_s:
         s = t * torch.rand(B, generator=generator, device=prompt.device)
@@ -603,29 +669,140 @@ def opdlm_loss(student, ro, mask_id, teacher, *, n_states=1, beta=0.0, top_k=Non
 
 
 # ----------------------------------------------------------------------------------------------
-# The methods as sudoku.py and train_llada.py run them: what each trains on, and its loss.
-# Every loss is loss(model, rollout, mask_id, ..., generator=None) -> (loss, stats).
+# The methods as sudoku.py and train_llada.py run them: one registry. Adding a loss is the
+# function above, one entry here, and its test.
+
+
+def flag(default, help, choices=None):
+    """A config field that is also a command-line flag (parse_config)."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
+@dataclass
+class MethodConfig:
+    """the method (the same flags in sudoku.py and train_llada.py)"""
+    K: int = flag(4, "responses per prompt (Eq. 10's group)")
+    t: float = flag(0.9, "COPSD's early mask ratio t/T (Sec. 4.3: fixed 0.9)")
+    s: float = flag(0.5, "COPSD's step to the later view, s/T (Sec. 5.5: 0.5)")
+    random_s: bool = flag(False, "COPSD-Random: s ~ U(0, t) per prompt (Table 3/4)")
+    keep_z: bool = flag(False, "COPSD with Z: A from d + log Z (Table 4)")
+    group_norm: bool = flag(True, "group relative normalisation of d (Eq. 10); off: A = d "
+                                  "(Table 4)")
+    resample_every: int = flag(0, "optimiser steps per rollout (on-policy refresh, θ' = the "
+                                  "weights then); 0 = sample once from p_0 (Alg. 1/2 literally)")
+    temperature: float = flag(1.0, "sampling temperature of training rollouts (K > 1 needs "
+                                   "diverse samples; evaluation is greedy)")
+    train_tokens_per_step: int = flag(2, "tokens decoded per step in training rollouts")
+    objective: str = flag("paper", "COPSD's reading of Eq. 6: paper (Eq. 11 through autograd), "
+                                   "score (without its +1 term), exact (Eq. 6 over the "
+                                   "vocabulary), later (KL to the later view)",
+                          choices=("paper", "score", "exact", "later"))
+    later_direction: str = flag("reverse", "the later reading's KL: reverse KL(p || p̃) or "
+                                           "forward KL(p̃ || p)", choices=("reverse", "forward"))
+    target_top_k: int = flag(0, "exact / later readings: cache the target's top-k tokens only "
+                                "(0 = the whole vocabulary)")
+    dopsd_steps: int = flag(2, "d-OPSD: trajectory steps supervised per update")
+
+    def copsd_kw(self):
+        """copsd_rollout's options."""
+        return dict(t=self.t, s=self.s, random_s=self.random_s, keep_z=self.keep_z,
+                    group_norm=self.group_norm, objective=self.objective,
+                    top_k=self.target_top_k or None)
+
+
+def no_options(cfg, sampler):
+    return {}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the tables: what it trains on ("answers": ground truth; "samples": the model's
+    own responses; "trajectories": with their decoding states; "calibrated": COPSD's rollout),
+    its loss, and the loss's options from the config and the rollouts' sampler."""
+    label: str
+    data: str
+    loss: Callable
+    options: Callable = no_options
+    toy_only: bool = False  # needs what only sudoku.py builds (OPDLM: a causal AR teacher)
+
 
 METHODS = {
-    "self": ("samples", mdm_loss),  # naive self-distillation, "Base-Self" (Alg. 1)
-    "sft": ("answers", mdm_loss),  # supervised fine-tuning on ground-truth responses
-    "copsd": ("calibrated", copsd_loss),  # Alg. 2
-    "selfusion": ("samples", selfusion_loss),
-    "dopsd": ("trajectories", dopsd_loss),
-    "opdlm": ("trajectories", opdlm_loss),  # needs a causal AR teacher of the same shape
+    "self": Method("Base-Self", "samples", mdm_loss),  # naive self-distillation (Alg. 1)
+    "sft": Method("SFT", "answers", mdm_loss),  # supervised fine-tuning on ground truth
+    "copsd": Method("COPSD", "calibrated", copsd_loss,  # Alg. 2
+                    lambda c, sp: dict(objective=c.objective, direction=c.later_direction)),
+    "selfusion": Method("SelFusion", "samples", selfusion_loss),
+    # the reveal is restricted to the blocks after the current one only when there are several
+    # (with one block, as in the toy, it would reveal nothing)
+    "dopsd": Method("d-OPSD", "trajectories", dopsd_loss, lambda c, sp: dict(
+        n_steps=c.dopsd_steps, block_length=sp.block_length if sp.n_blocks > 1 else None)),
+    "opdlm": Method("OPDLM", "trajectories", opdlm_loss, toy_only=True),  # teacher=: the caller
 }
 
 
-def make_rollout(method, model, prompt, prompt_attn, mask_id, *, K=4, answers=None,
-                 copsd_kw=None, generator=None, **sampler):
+def loss_options(method, cfg, sampler, **extra):
+    """`method`'s loss options (METHODS), with the caller's `extra` (OPDLM's teacher)."""
+    return METHODS[method].options(cfg, sampler) | extra
+
+
+def make_rollout(method, model, prompt, prompt_attn, mask_id, sampler, cfg, *, K=None,
+                 answers=None, generator=None, stats=None):
     """The data `method` trains on, drawn with the current weights θ': its ground-truth
-    `answers` (SFT), K samples per prompt, with their trajectories, or COPSD's calibrated
-    rollout (copsd_kw: copsd_rollout's options)."""
-    data = METHODS[method][0]
+    `answers` (SFT), K samples per prompt (default cfg.K), with their trajectories, or COPSD's
+    calibrated rollout (cfg: a MethodConfig)."""
+    data, K = METHODS[method].data, cfg.K if K is None else K
     if data == "answers":
         return answers_rollout(prompt, prompt_attn, answers, K)
     if data == "calibrated":
-        return copsd_rollout(model, prompt, prompt_attn, mask_id, K=K, generator=generator,
-                             **(copsd_kw or {}), **sampler)
-    return rollout(model, prompt, prompt_attn, mask_id, K, record=data == "trajectories",
-                   generator=generator, **sampler)
+        return copsd_rollout(model, prompt, prompt_attn, mask_id, sampler, K=K,
+                             generator=generator, stats=stats, **cfg.copsd_kw())
+    return rollout(model, prompt, prompt_attn, mask_id, sampler, K,
+                   record=data == "trajectories", generator=generator, stats=stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line of both scripts: one dataclass, every flag() field a --flag
+
+
+def parse_config(cls, argv=None, description=None):
+    """`cls` (a dataclass) from the command line: --name value per flag() field; booleans as
+    --name / --no-name; tuples as comma lists; fixed sets of values as choices. Fields without
+    a flag() keep their default. Fields a base class declares are shown as a group under its
+    docstring."""
+    ap = argparse.ArgumentParser(description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    by_name, done = {f.name: f for f in fields(cls)}, set()
+    for klass in cls.__mro__[:-1]:  # a field belongs to the most derived class declaring it
+        group = ap if klass is cls else ap.add_argument_group(klass.__doc__.split("\n")[0])
+        for name in vars(klass).get("__annotations__", {}):
+            if name not in done and "help" in by_name[name].metadata:
+                add_flag(group, by_name[name])
+            done.add(name)
+    return cls(**vars(ap.parse_args(argv)))
+
+
+def add_flag(ap, f):
+    help, choices = f.metadata["help"], f.metadata["choices"]
+    if isinstance(f.default, tuple):
+        shown = ",".join(map(str, f.default))
+        kw = dict(type=comma_list(type(f.default[0]), choices), metavar="A,B,...")
+        if choices:
+            help += f" (from: {', '.join(map(str, choices))})"
+    else:
+        shown = f.default if f.default != "" else "none"
+        kw = dict(choices=choices, type=type(f.default))
+    if isinstance(f.default, bool):
+        kw = dict(action=argparse.BooleanOptionalAction)
+    ap.add_argument(f"--{f.name}", default=f.default, help=f"{help} (default: {shown})", **kw)
+
+
+def comma_list(kind, choices):
+    """argparse type of a list flag: "1,2,4" -> (1, 2, 4), each item checked against choices."""
+    def parse(text):
+        items = tuple(kind(x) for x in text.split(",") if x)
+        bad = [x for x in items if choices and x not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r} (items from: "
+                                             f"{', '.join(map(str, choices or ['...']))})")
+        return items
+    return parse

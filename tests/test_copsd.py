@@ -177,8 +177,8 @@ def test_sampler_schedule_prompt_and_block_order(remasking, temperature):
     B, P = prompt.shape
     gen_length, block_length, steps = 16, 8, 6  # 2 blocks, 3 steps each: 3, 3, 2 tokens per step
     rec = Recorder(tiny_model())
-    out = copsd.generate(rec, prompt, pattn, MASK, gen_length, block_length, steps,
-                         temperature=temperature, remasking=remasking, generator=gen(0))
+    out = copsd.generate(rec, prompt, pattn, MASK, gen_length=gen_length,
+                         block_length=block_length, steps=steps, temperature=temperature, remasking=remasking, generator=gen(0))
     assert out.shape == (B, P + gen_length)
     states = rec.inputs + [out]
     spb, n_blocks = steps // (gen_length // block_length), gen_length // block_length
@@ -205,8 +205,8 @@ def test_sampler_schedule_prompt_and_block_order(remasking, temperature):
 def test_sampler_greedy_is_deterministic():
     prompt, pattn, _ = padded_prompts([4, 6], seed=2)
     m = tiny_model(seed=1)
-    a = copsd.generate(m, prompt, pattn, MASK, 8, 4, 4)
-    b = copsd.generate(m, prompt, pattn, MASK, 8, 4, 4)
+    a = copsd.generate(m, prompt, pattn, MASK, gen_length=8, block_length=4, steps=4)
+    b = copsd.generate(m, prompt, pattn, MASK, gen_length=8, block_length=4, steps=4)
     assert torch.equal(a, b)
 
 
@@ -269,7 +269,8 @@ def test_sampler_matches_per_row_llada_reference(gen_length, block_length, steps
     m = tiny_model(seed=4, std=0.3)  # peaked predictions: top-k decided by margins, not round-off
     prompt, pattn, rows = padded_prompts([2, 5, 7, 7], seed=3)
     P = prompt.shape[1]
-    out = copsd.generate(m, prompt, pattn, MASK, gen_length, block_length, steps)
+    out = copsd.generate(m, prompt, pattn, MASK, gen_length=gen_length,
+                         block_length=block_length, steps=steps)
     for r, row in enumerate(rows):
         ref = llada_generate_reference(m, row[None], steps, gen_length, block_length, MASK)
         assert torch.equal(out[r, P - len(row):], ref[0]), f"row {r}"
@@ -332,7 +333,8 @@ ROLL = dict(gen_length=8, block_length=8, steps=4, temperature=1.0)
 
 
 def rollout(m, prompt, pattn, seed=0, **kw):
-    return copsd.copsd_rollout(m, prompt, pattn, MASK, generator=gen(seed), **{**ROLL, **kw})
+    sampler = copsd.Sampler(**{k: kw.pop(k, v) for k, v in ROLL.items()})
+    return copsd.copsd_rollout(m, prompt, pattn, MASK, sampler, generator=gen(seed), **kw)
 
 
 def test_rollout_rows_are_prompt_major_and_share_masks():
@@ -808,3 +810,47 @@ def test_readings_share_the_rollout():
         assert torch.isfinite(loss) and st["n_tokens"] == int(ros[o].mask_ts.sum())
     with pytest.raises(ValueError):
         copsd.copsd_loss(m, ros["paper"], MASK, objective="grpo")
+
+
+# ----------------------------------------------------------------------------------------------
+# the sampler's options and the method registry
+
+
+def test_sampler_at_tokens_per_step_and_its_checks():
+    sp = copsd.Sampler(gen_length=16, block_length=8, steps=16)
+    assert sp.at(4).steps == 4 and sp.at(4).tokens_per_step == 4 and sp.at(1) == sp
+    for bad in (0, 3, 16):
+        with pytest.raises(ValueError, match="does not divide"):
+            sp.at(bad)
+    for kw, words in [(dict(threshold=0.0), "threshold"), (dict(threshold=1.5), "threshold"),
+                      (dict(block_length=0), "block_length"), (dict(steps=0), "steps"),
+                      (dict(refresh=-1), "refresh"), (dict(cache="full"), "cache")]:
+        with pytest.raises(ValueError, match=words):
+            dataclasses.replace(sp, **kw)
+
+
+def test_every_registered_method_trains_on_its_own_data():
+    """Each registry entry: make_rollout draws its data kind, loss_options fits its loss, and
+    the loss is a finite scalar with a gradient (OPDLM with the causal teacher it needs)."""
+    m = tiny_model(seed=2)
+    prompt, pattn, _ = padded_prompts([3, 5], seed=4)
+    cfg, sp = copsd.MethodConfig(K=2), copsd.Sampler(gen_length=8, block_length=4, steps=4,
+                                                     temperature=1.0)
+    answers = torch.randint(0, VOCAB - 1, (2, 8), generator=gen(0))
+    teacher = tiny_model(seed=3, causal=True)
+    assert set(copsd.METHODS) == {"self", "sft", "copsd", "selfusion", "dopsd", "opdlm"}
+    for name, method in copsd.METHODS.items():
+        ro = copsd.make_rollout(name, m, prompt, pattn, MASK, sp, cfg, answers=answers,
+                                generator=gen(1))
+        assert len(ro) == 4 and (ro.states is not None) == (method.data == "trajectories")
+        assert (ro.A is not None) == (method.data == "calibrated")
+        extra = dict(teacher=teacher) if method.toy_only else {}
+        loss, _ = method.loss(m, ro, MASK, generator=gen(2),
+                              **copsd.loss_options(name, cfg, sp, **extra))
+        assert loss.dim() == 0 and torch.isfinite(loss), name
+        m.zero_grad()
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()), name
+    assert copsd.loss_options("dopsd", cfg, sp)["block_length"] == 4  # two blocks
+    one_block = dataclasses.replace(sp, block_length=8)
+    assert copsd.loss_options("dopsd", cfg, one_block)["block_length"] is None

@@ -69,9 +69,10 @@ def test_generate_record_is_the_trajectory_and_changes_nothing():
     model = tiny()
     prompt, pattn = prompts()
     g = lambda: torch.Generator().manual_seed(1)
-    plain = copsd.generate(model, prompt, pattn, M, L, L, 4, temperature=1.0, generator=g())
-    seq, states = copsd.generate(model, prompt, pattn, M, L, L, 4, temperature=1.0, generator=g(),
-                                 record=True)
+    plain = copsd.generate(model, prompt, pattn, M, gen_length=L, block_length=L, steps=4,
+                           temperature=1.0, generator=g())
+    seq, states = copsd.generate(model, prompt, pattn, M, gen_length=L, block_length=L, steps=4,
+                                 temperature=1.0, generator=g(), record=True)
     assert torch.equal(seq, plain)  # backward compatible: same samples with or without a record
     assert states.shape == (3, 4 + 1, P + L)  # batch-first
     states = states.unbind(1)
