@@ -709,6 +709,24 @@ class MethodConfig:
                     group_norm=self.group_norm, objective=self.objective,
                     top_k=self.target_top_k or None)
 
+    def problems(self, methods):
+        """What is wrong with these flags for `methods` (names of METHODS), one line each."""
+        copsd = "copsd" in methods
+        return [why for bad, why in [
+            (self.K < 1, f"--K {self.K}: need at least 1 response per prompt"),
+            (copsd and self.K < 2 and self.group_norm,
+             "--K must be >= 2 for group normalisation (or pass --no-group_norm)"),
+            (copsd and not 0 <= self.s < self.t <= 1,
+             f"need 0 <= s < t <= 1, got --t {self.t} --s {self.s} (at s >= t the later view "
+             "masks nothing, and COPSD's loss is 0)"),
+            (self.resample_every < 0, f"--resample_every {self.resample_every}: need >= 0"),
+            (not 0 <= self.temperature < float("inf"),
+             f"--temperature {self.temperature}: need a finite value >= 0"),
+            (self.train_tokens_per_step < 1,
+             f"--train_tokens_per_step {self.train_tokens_per_step}: need >= 1"),
+            (self.target_top_k < 0, f"--target_top_k {self.target_top_k}: need >= 0"),
+            (self.dopsd_steps < 1, f"--dopsd_steps {self.dopsd_steps}: need >= 1")] if bad]
+
 
 def no_options(cfg, sampler):
     return {}
@@ -738,6 +756,18 @@ METHODS = {
         n_steps=c.dopsd_steps, block_length=sp.block_length if sp.n_blocks > 1 else None)),
     "opdlm": Method("OPDLM", "trajectories", opdlm_loss, toy_only=True),  # teacher=: the caller
 }
+
+
+def check_finite(step, **values):
+    """Stop at the first non-finite loss, gradient norm or weight: a NaN would otherwise train on
+    silently and be saved. Raises FloatingPointError naming the step and the values."""
+    def finite(v):
+        return all(bool(torch.isfinite(x).all()) for x in
+                   (v if isinstance(v, list) else [torch.as_tensor(v)]))
+    bad = [name for name, v in values.items() if not finite(v)]
+    if bad:
+        raise FloatingPointError(f"step {step}: non-finite {' and '.join(bad)}; stopped before "
+                                 "saving (is the learning rate too high?)")
 
 
 def loss_options(method, cfg, sampler, **extra):

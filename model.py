@@ -399,3 +399,64 @@ def replace_dir(tmp, final):
         os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# model FLOPs and bytes, counted from the shapes (as nanoGPT's estimate_mfu), and the ceilings of
+# the GPUs they are measured against
+
+
+def block_weights(c):
+    """The weights each token is multiplied by in the blocks: q, k, v, out, and the MLP's three."""
+    return c.n_layers * (c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+                         + c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size)
+
+
+def forward_flops(c, rows, q, kv=None, head=0):
+    """One forward of `rows` rows over q positions attending to kv keys (default q), the output
+    head on `head` of them: 2 FLOPs per weight per token, 4 q kv d per layer for attention's two
+    products, 2 d V per head position. A backward costs twice a forward."""
+    kv = q if kv is None else kv
+    return rows * (2 * q * block_weights(c) + 4 * c.n_layers * q * kv * c.d_model
+                   + 2 * head * c.d_model * c.embedding_size)
+
+
+def sampler_flops(c, sampler, rows, P, stats):
+    """The model FLOPs of copsd.generate with `sampler` for `rows` responses after a prompt of
+    width P, from its stats: per block, the model calls ("forwards") and those over the whole
+    sequence ("full"); with a cache the others run the block and what follows it (prefix) or
+    the block alone (dual), attending to all of it. The head runs on the block. Classifier-free
+    guidance doubles the rows."""
+    L, bl = sampler.gen_length, sampler.block_length
+    S, total = P + L, 0
+    rows *= 2 if sampler.cfg_scale > 0 else 1
+    for b, (n, full) in enumerate(zip(stats["forwards"], stats["full"])):
+        window = dict(none=S, prefix=S - P - b * bl, dual=bl)[sampler.cache]
+        total += (full * forward_flops(c, rows, S, head=bl)
+                  + (n - full) * forward_flops(c, rows, window, S, head=bl))
+    return total
+
+
+def sampler_bytes(c, sampler, rows, P, stats):
+    """The fewest bytes copsd.generate moves (same arguments): every call reads the bf16 weights
+    once (the embedding only at its rows), and a cached call reads the K/V cache of all
+    P + gen_length positions (of twice the rows under classifier-free guidance)."""
+    rows *= 2 if sampler.cfg_scale > 0 else 1
+    weights = 2 * (block_weights(c) + c.d_model * c.embedding_size)
+    kv = 2 * 2 * c.n_layers * rows * c.n_kv_heads * (P + sampler.gen_length) * c.head_dim
+    n, full = sum(stats["forwards"]), sum(stats["full"])
+    return n * weights + (0 if sampler.cache == "none" else (n - full) * kv)
+
+
+# dense bf16 FLOP/s and memory bandwidth (bytes/s) per GPU, from the vendor's datasheet; the first
+# key that is part of torch.cuda.get_device_name() wins (so the 40GB A100s before the 80GB's)
+GPU_CEILINGS = {"H100": (989e12, 3.35e12),  # SXM (a PCIe or NVL card: give its own by hand)
+                "H200": (989e12, 4.8e12),
+                "A100-SXM4-40GB": (312e12, 1.555e12), "A100-PCIE-40GB": (312e12, 1.555e12),
+                "A100": (312e12, 2.039e12),  # A100 80GB SXM
+                "B200": (2.25e15, 8e12)}
+
+
+def gpu_ceilings(name):
+    """(peak FLOP/s, bytes/s) of the GPU called `name`, or (0, 0) for one not in GPU_CEILINGS."""
+    return next((v for k, v in GPU_CEILINGS.items() if k in name), (0.0, 0.0))

@@ -4,7 +4,6 @@ COPSD on LLaDA-8B-Instruct: the same model.py and copsd.py as the Sudoku toy, sh
     torchrun --nproc_per_node=4 train_llada.py --model_dir ./LLaDA-8B-Instruct --out runs/copsd
     torchrun --nproc_per_node=4 train_llada.py --model_dir runs/copsd --eval_only
     python train_llada.py --model_dir DIR --task gsm8k --data gsm8k.jsonl --method self
-    python train_llada.py --random_init --bench --steps 3      # timings on random 8B weights
 
 One process per GPU. The model is built on the meta device, sharded (`fully_shard` per block and
 at the root), and each rank reads only its own rows of the safetensors (model.load_weights).
@@ -12,7 +11,7 @@ Training is on-policy (Alg. 2): every `resample_every` steps the current weights
 responses per prompt and cache what the method needs; optimiser steps then train on them. Every
 random draw comes from a generator keyed by (seed, step, micro-batch), never by rank or a global
 RNG state, so 1 and N processes with the same global batch compute the same thing, and a resumed
-run repeats exactly what the killed one would have done.
+run repeats exactly what the killed one would have done. Timings: experiments/bench_llada.py.
 """
 
 import hashlib
@@ -24,7 +23,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -42,8 +41,8 @@ from tqdm import tqdm
 
 import copsd
 import model as M
-import sudoku
-from sudoku import MethodConfig, flag, parse_config
+import sudoku  # the Sudoku task's puzzles and scorer
+from copsd import flag
 
 # FSDP2 warns that our logits are a view (an in-place op on them would skip a hook; we do none),
 # and that DTensor random init on a CPU mesh is per shard (only --random_init on CPU: fine there)
@@ -51,20 +50,18 @@ warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
 warnings.filterwarnings("ignore", message=".*DTensor random operators.*")
 
 # ----------------------------------------------------------------------------------------------
-# configuration: every field is a flag; defaults are the paper's settings where it gives them
-
-# copsd.METHODS less OPDLM, which needs a causal AR teacher of LLaDA's shape (sudoku.py runs it)
-METHODS = ("copsd", "self", "sft", "selfusion", "dopsd")
+# configuration: defaults are the paper's settings where it gives them; the fields after the
+# flags are set here, in the file (LLaDA's generate options and details of the run)
 
 
 @dataclass
-class TrainConfig(MethodConfig):
+class TrainConfig(copsd.MethodConfig):
+    """the trainer (train_llada.py)"""
     model_dir: str = flag("", "LLaDA's HF layout, or a run directory of this script (its latest "
                               "checkpoint)")
     random_init: bool = flag(False, "random weights of --config's shape (default LLaDA-8B's): "
                                     "no download")
     config: str = flag("", "config.json (or a model directory) for --random_init")
-    tokenizer: str = flag("", "tokenizer.json; default: the model directory's")
     out: str = flag("runs/copsd", "run directory: checkpoints, log.jsonl, results.jsonl")
     resume: bool = flag(False, "continue from --out's latest checkpoint")
     eval_only: bool = flag(False, "evaluate --model_dir and exit")
@@ -76,16 +73,15 @@ class TrainConfig(MethodConfig):
                      choices=("sudoku", "gsm8k"))
     data: str = flag("", 'JSONL of {"prompt": ..., "answer": ...} to train on (gsm8k)')
     eval_data: str = flag("", "JSONL to evaluate on; default --data")
-    data_seed: int = flag(0, "seed of the Sudoku puzzles")
     n_train: int = flag(2000, "Sudoku prompts for self-distillation")
     n_eval: int = flag(256, "Sudoku evaluation puzzles (the paper: 256)")
     sudoku_puzzles: str = flag("d1", "d1: unique puzzles with 8 blanks, as d1 and the paper "
                                      "evaluate; minimal: the toy's (4-6 givens, much harder)",
                                choices=("d1", "minimal"))
     # the method (Sec. 4; Table 3/4 ablations)
-    method: str = flag("copsd", "copsd (Alg. 2), self (Base-Self, Alg. 1), sft (ground truth), "
-                                "selfusion or dopsd", choices=METHODS)
-    dopsd_steps: int = flag(2, "d-OPSD: trajectory steps supervised per update")
+    method: str = flag("copsd", "copsd.METHODS' entry (copsd: Alg. 2; self: Base-Self, Alg. 1; "
+                                "sft: the ground truth), all but the toy-only",
+                       choices=tuple(m for m, x in copsd.METHODS.items() if not x.toy_only))
     target_top_k: int = flag(64, "exact / later readings: cache the target's top-k tokens only "
                                  "(0 = the whole vocabulary: 126k floats per position at 8B)")
     # the sampler (LLaDA's generate; Table 1's settings)
@@ -105,64 +101,54 @@ class TrainConfig(MethodConfig):
     eval_threshold: float = flag(0.0, "confidence-threshold decoding in evaluation (Fast-dLLM): "
                                       "one column, with its tokens per forward; 0 = off")
     eval_batch: int = flag(16, "prompts per rank per forward in evaluation")
-    cfg_scale: float = flag(0.0, "classifier-free guidance against the prompt masked (LLaDA)")
-    logits_eos_inf: bool = flag(False, "never predict EOS (LLaDA's generate option)")
-    confidence_eos_eot_inf: bool = flag(False, "EOS and EOT predictions rank last (LLaDA's "
-                                                "generate option)")
-    eot_id: int = flag(126348, "the <|eot_id|> token's id (LLaDA-8B's)")
-    cuda_graph: bool = flag(True, "dual cache on a GPU: the block's steps replay one captured "
-                                  "CUDA graph (the same tokens, less host overhead)")
-    confidence_dtype: str = flag("float64", "precision of the confidence softmax (LLaDA's code: "
-                                            "the model's, bf16, with ties)",
-                                 choices=("float64", "float32", "bfloat16"))
     # optimisation
     steps: int = flag(100, "optimiser steps")
     prompts_per_step: int = flag(8, "prompts per optimiser step, over all ranks")
     micro_batch: int = flag(2, "prompts (x K rows) per forward, in sampling and update")
     optimizer: str = flag("adamw", "optimiser", choices=("adamw", "sgd"))
     lr: float = flag(1e-6, "learning rate")
-    weight_decay: float = flag(0.0, "weight decay")
-    grad_clip: float = flag(1.0, "gradient norm clip; 0 = off")
-    master_dtype: str = flag("float32", "dtype of the sharded master weights (compute is bf16)",
-                             choices=("float32", "bfloat16"))
     act_ckpt: bool = flag(False, "activation checkpointing per block")
-    reshard_when_sampling: bool = flag(False, "free gathered weights after every sampler "
-                                              "forward (less memory, more communication)")
     # checkpoints
     save_every: int = flag(50, "steps between checkpoints")
-    keep_last: int = flag(2, "checkpoints kept")
-    save_dtype: str = flag("float32", "dtype of the exported weights (bf16 would erase updates "
-                                      "below its resolution)", choices=("float32", "bfloat16"))
     max_shard_gb: float = flag(5.0, "largest safetensors shard of an export (GB)")
-    # measurement
-    peak_flops: float = flag(989e12, "peak FLOP/s per GPU for MFU (H100 SXM bf16 dense)")
-    peak_bandwidth: float = flag(3.35e12, "memory bandwidth per GPU, bytes/s (H100 SXM)")
-    bench: bool = flag(False, "timings only (no checkpoints, no eval): every step samples; prints "
-                              "time, tokens/s and MFU per phase, then the sampler table")
-    bench_prompt_len: int = flag(200, "--bench prompts are random tokens of this length")
-    bench_batches: tuple = flag((1, 8, 16), "--bench's sampler table: rows per generate call")
-    bench_sampler: bool = flag(True, "--bench: also time the sampler alone per cache and batch")
+    # measurement: MFU and the sampler's floor
+    peak_flops: float = flag(0.0, "peak FLOP/s per GPU; 0 = the GPU's by its name "
+                                  "(model.GPU_CEILINGS: bf16 dense), none on a CPU")
+    peak_bandwidth: float = flag(0.0, "memory bandwidth per GPU, bytes/s; 0 = by its name")
+    # not flags: LLaDA's generate options (copsd.Sampler) ...
+    cfg_scale: float = 0.0  # classifier-free guidance against the prompt masked
+    logits_eos_inf: bool = False  # never predict EOS
+    confidence_eos_eot_inf: bool = False  # EOS and EOT predictions rank last
+    eot_id: int = 126348  # the <|eot_id|> token's id (LLaDA-8B's)
+    confidence_dtype: str = "float64"  # of the confidence softmax (LLaDA's code: bf16, with ties)
+    cuda_graph: bool = True  # the dual cache's block steps replay one captured CUDA graph
+    # ... and details of the run
+    tokenizer: str = ""  # tokenizer.json; "": the model directory's
+    data_seed: int = 0  # seed of the Sudoku puzzles
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # gradient norm clip; 0 = off
+    master_dtype: str = "float32"  # the sharded master weights (compute is bf16)
+    reshard_when_sampling: bool = False  # free gathered weights after every sampler forward
+    keep_last: int = 2  # checkpoints kept
+    save_dtype: str = "float32"  # of the exported weights (bf16 would erase small updates)
 
 
-def check(cfg, world):
-    """Bad flags: one line each, before any work."""
-    errors = []
-    ns = [cfg.train_tokens_per_step] + ([] if cfg.bench else list(cfg.eval_tokens_per_step))
+def check(cfg, world, prompts=True):
+    """Bad flags: one line each, before any work. prompts=False: a run on random prompts that
+    evaluates nothing (experiments/bench_llada.py)."""
+    errors = cfg.problems([cfg.method])  # the method's flags (copsd.MethodConfig)
+    ns = [cfg.train_tokens_per_step] + (list(cfg.eval_tokens_per_step) if prompts else [])
     if cfg.gen_length % cfg.block_length:
         errors.append(f"--gen_length {cfg.gen_length} is not a multiple of --block_length "
                       f"{cfg.block_length}")
     errors += [f"tokens per step {n} does not divide --block_length {cfg.block_length}"
                for n in ns if n < 1 or cfg.block_length % n]
-    if not 0 <= cfg.s < cfg.t <= 1:
-        errors.append(f"need 0 <= s < t <= 1, got --t {cfg.t} --s {cfg.s}")
-    if cfg.method == "copsd" and cfg.K < 2 and cfg.group_norm:
-        errors.append("--K must be >= 2 for group normalisation (or pass --no-group_norm)")
     if cfg.micro_batch < 1 or cfg.prompts_per_step % (world * cfg.micro_batch):
         errors.append(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of "
                       f"{world} ranks x --micro_batch {cfg.micro_batch}")
     if not cfg.random_init and not cfg.model_dir and not cfg.resume:
         errors.append("give --model_dir DIR (or --random_init)")
-    if cfg.task == "gsm8k" and not (cfg.data or cfg.eval_data or cfg.bench):
+    if prompts and cfg.task == "gsm8k" and not (cfg.data or cfg.eval_data):
         errors.append("--task gsm8k needs --data prompts.jsonl")
     if cfg.resume and cfg.eval_only:
         errors.append("--resume and --eval_only exclude each other")
@@ -248,8 +234,7 @@ D1_ANSWER = [r"<answer>.*?```\s*([\d\s]+)```",
 
 def load_tokenizer(path, mcfg):
     if not os.path.isfile(path):
-        raise M.CheckpointError(f"{path}: no such file (the model directory's tokenizer.json, "
-                                "or --tokenizer)")
+        raise M.CheckpointError(f"{path}: no such file (the model directory's tokenizer.json)")
     try:
         tok = Tokenizer.from_file(path)
     except Exception as e:
@@ -438,46 +423,100 @@ def gathered(model, keep):
 
 
 # ----------------------------------------------------------------------------------------------
-# model FLOPs, counted analytically from the shapes (as nanoGPT's estimate_mfu)
+# the sampler (copsd.Sampler), built once from the flags: the rollouts' and one per evaluation
+# column
 
 
-def block_weights(c):
-    """The weights each token is multiplied by in the blocks: q, k, v, out, and the MLP's three."""
-    return c.n_layers * (c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
-                         + c.d_model ** 2 + 3 * c.d_model * c.mlp_hidden_size)
+def rollout_sampler(cfg, mcfg):
+    """The training rollouts' sampler: --train_tokens_per_step at --temperature."""
+    one = copsd.Sampler(  # one token per step (valid for any block length) until .at(n)
+        gen_length=cfg.gen_length, block_length=cfg.block_length, steps=cfg.gen_length,
+        temperature=cfg.temperature, remasking=cfg.remasking, cache=cfg.rollout_cache,
+        refresh=cfg.cache_refresh, cfg_scale=cfg.cfg_scale, logits_eos_inf=cfg.logits_eos_inf,
+        confidence_eos_eot_inf=cfg.confidence_eos_eot_inf, eos_id=mcfg.eos_token_id,
+        eot_id=cfg.eot_id, confidence_dtype=getattr(torch, cfg.confidence_dtype),
+        cuda_graph=cfg.cuda_graph)
+    return one.at(cfg.train_tokens_per_step)
 
 
-def forward_flops(c, rows, q, kv=None, head=0):
-    """One forward of `rows` rows over q positions attending to kv keys (default q), the output
-    head on `head` of them: 2 FLOPs per weight per token, 4 q kv d per layer for attention's two
-    products, 2 d V per head position. A backward costs twice a forward."""
-    kv = q if kv is None else kv
-    return rows * (2 * q * block_weights(c) + 4 * c.n_layers * q * kv * c.d_model
-                   + 2 * head * c.d_model * c.embedding_size)
+def eval_samplers(cfg, mcfg):
+    """The evaluation's columns, greedy with --eval_cache: {name: Sampler} at each
+    --eval_tokens_per_step (Table 1), or the one column of --eval_threshold."""
+    greedy = replace(rollout_sampler(cfg, mcfg), temperature=0.0, cache=cfg.eval_cache)
+    if cfg.eval_threshold:
+        return {f"τ={cfg.eval_threshold}": replace(greedy.at(cfg.block_length),
+                                                   threshold=cfg.eval_threshold)}
+    return {str(n): greedy.at(n) for n in cfg.eval_tokens_per_step}
 
 
-def sampler_flops(c, cfg, rows, P, stats, cache):
-    """generate's model FLOPs for `rows` responses after a prompt of width P, from its stats:
-    per block, the model calls ("forwards") and those over the whole sequence ("full"); with a
-    cache the others run the block and what follows it (prefix) or the block alone (dual),
-    attending to all of it. The head runs on the block. Classifier-free guidance doubles the
-    rows."""
-    S, total = P + cfg.gen_length, 0
-    rows *= 2 if cfg.cfg_scale > 0 else 1
-    for b, (n, full) in enumerate(zip(stats["forwards"], stats["full"])):
-        window = dict(none=S, prefix=S - P - b * cfg.block_length, dual=cfg.block_length)[cache]
-        total += (full * forward_flops(c, rows, S, head=cfg.block_length)
-                  + (n - full) * forward_flops(c, rows, window, S, head=cfg.block_length))
-    return total
+# ----------------------------------------------------------------------------------------------
+# training: on-policy windows of `resample_every` steps; each rank its slice of every step
 
 
-def sampler_bytes(c, rows, S, stats, cache):
-    """The fewest bytes generate moves: every call reads the bf16 weights once (the embedding
-    only at its rows), and a cached call reads the K/V cache of all S positions."""
-    weights = 2 * (block_weights(c) + c.d_model * c.embedding_size)
-    kv = 2 * 2 * c.n_layers * rows * c.n_kv_heads * S * c.head_dim
-    n, full = sum(stats["forwards"]), sum(stats["full"])
-    return n * weights + (0 if cache == "none" else (n - full) * kv)
+def micro_batches(rows, cfg, step):
+    """This rank's micro-batches of `step`: (prompts, global micro-batch id). Prompts follow a
+    seeded permutation per epoch, so the order depends on neither the rank count nor restarts."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per_rank = cfg.prompts_per_step // world
+    out = []
+    for j in range(per_rank // cfg.micro_batch):
+        first = step * cfg.prompts_per_step + rank * per_rank + j * cfg.micro_batch
+        picked = []
+        for i in range(first, first + cfg.micro_batch):
+            order = np.random.default_rng([cfg.seed, i // len(rows)]).permutation(len(rows))
+            picked.append(rows[order[i % len(rows)]])
+        out.append((picked, rank * (per_rank // cfg.micro_batch) + j))
+    return out
+
+
+def sample(model, rows, cfg, mcfg, sp, steps, dev):
+    """θ' = the current weights draw the rollouts of `steps` with sampler sp (the method's
+    copsd.make_rollout, rows prompt-major): {(step, j): Rollout}, and the tokens generated and
+    model FLOPs spent (SFT generates none)."""
+    model.eval()
+    out, tokens, flops = {}, 0, 0
+    with gathered(model, not cfg.reshard_when_sampling):
+        for s in steps:
+            for j, (picked, mb) in enumerate(micro_batches(rows, cfg, s)):
+                b, stats = make_batch(picked, mcfg, dev), {}
+                ro = out[(s, j)] = copsd.make_rollout(
+                    cfg.method, model, b["prompt"], b["attn"], mcfg.mask_token_id, sp, cfg,
+                    answers=b["answers"], stats=stats,
+                    generator=generator(dev, cfg.seed, "rollout", s, mb))
+                if stats:
+                    tokens += len(ro) * sp.gen_length
+                    flops += M.sampler_flops(mcfg, sp, len(ro), ro.P, stats)
+    return out, tokens, flops
+
+
+def loss_count(cfg, ro):
+    """What the loss averages over: COPSD the positions masked in y_{t-s}; the MDM loss the
+    response tokens (and the other losses, as a proxy)."""
+    return int(ro.mask_ts.sum()) if cfg.method == "copsd" else ro.seq.numel() - len(ro) * ro.P
+
+
+def train_step(model, opt, step, chunks, cfg, sp, dev):
+    """One optimiser step on this rank's micro-batches [(rollout, micro-batch id)]; returns the
+    mean loss and d over the global batch. FSDP averages gradients over ranks, so each
+    micro-batch's mean is weighted by its count over the global count, times the world size."""
+    model.train()
+    loss_fn, options = copsd.METHODS[cfg.method].loss, copsd.loss_options(cfg.method, cfg, sp)
+    counts = [loss_count(cfg, ro) for ro, _ in chunks]
+    total = torch.tensor([float(sum(counts))], device=dev)
+    dist.all_reduce(total)
+    total = max(total.item(), 1.0)
+    sums = torch.zeros(2, device=dev)
+    for (ro, mb), n in zip(chunks, counts):
+        g = generator(dev, cfg.seed, "loss", step, mb)
+        loss, stats = loss_fn(model, ro, model.cfg.mask_token_id, generator=g, **options)
+        (loss * (n * dist.get_world_size() / total)).backward()
+        sums += torch.tensor([loss.item() * n, stats.get("d", 0.0) * n], device=dev)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    dist.all_reduce(sums)
+    return (sums / total).tolist()
 
 
 def update_flops(c, cfg, ro):
@@ -485,47 +524,65 @@ def update_flops(c, cfg, ro):
     made at rollout time. d-OPSD: dopsd_steps student passes with gradient, as many teacher
     passes without; SelFusion: two views with gradient; the others one pass."""
     rows, S, L = len(ro), ro.seq.shape[1], ro.seq.shape[1] - ro.P
-    one = forward_flops(c, rows, S, head=L)
+    one = M.forward_flops(c, rows, S, head=L)
     return {"copsd": 5 * one, "selfusion": 6 * one, "dopsd": 4 * cfg.dopsd_steps * one}.get(
         cfg.method, 3 * one)
 
 
-# ----------------------------------------------------------------------------------------------
-# the methods: a rollout made with the current weights θ', a loss on one micro-batch of it,
-# and the count its mean is over (so that micro-batches weigh as one big batch)
+def ceilings(cfg, dev):
+    """(peak FLOP/s, bytes/s) per GPU, for MFU and the sampler's floor: the flags', else the
+    GPU's known by its name (model.GPU_CEILINGS); 0 where unknown (a CPU, another GPU)."""
+    known = M.gpu_ceilings(torch.cuda.get_device_name(dev)) if dev.type == "cuda" else (0, 0)
+    return cfg.peak_flops or known[0], cfg.peak_bandwidth or known[1]
 
 
-def sampler(cfg, mcfg, tokens_per_step, cache, **kw):
-    """copsd.generate's options from the flags."""
-    return dict(gen_length=cfg.gen_length, block_length=cfg.block_length,
-                steps=cfg.gen_length // tokens_per_step, remasking=cfg.remasking, cache=cache,
-                cfg_scale=cfg.cfg_scale, logits_eos_inf=cfg.logits_eos_inf,
-                confidence_eos_eot_inf=cfg.confidence_eos_eot_inf, eos_id=mcfg.eos_token_id,
-                eot_id=cfg.eot_id, confidence_dtype=getattr(torch, cfg.confidence_dtype),
-                cuda_graph=cfg.cuda_graph, refresh=cfg.cache_refresh, **kw)
+def train(cfg, model, mcfg, rows, opt, sp, dev, start=0, pending=None, save=None, window=None):
+    """The loop: at each window's start (every --resample_every steps, or `window`) sample the
+    window's rollouts with sampler sp, then one optimiser step on this step's micro-batches; log,
+    and save(step, pending) every save_every steps and at the end. Returns per-step records:
+    each phase's time, tokens and FLOPs (this rank's)."""
+    rank, window = dist.get_rank(), window or cfg.resample_every or cfg.steps
+    pending, peak_flops = pending or {}, ceilings(cfg, dev)[0]
+    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.method, disable=rank != 0)
+    records = []
+    for step in range(start, cfg.steps):
+        sync(dev)
+        t0 = time.perf_counter()
+        rec = dict(step=step + 1, sample_s=None, sample_flops=0, gen_tokens=0)
+        if step % window == 0:
+            pending, rec["gen_tokens"], rec["sample_flops"] = sample(
+                model, rows, cfg, mcfg, sp, range(step, min(step + window, cfg.steps)), dev)
+            sync(dev)
+            rec["sample_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        chunks = [(pending.pop((step, j)), mb)
+                  for j, (_, mb) in enumerate(micro_batches(rows, cfg, step))]
+        rec["loss"], rec["d"] = train_step(model, opt, step, chunks, cfg, sp, dev)
+        sync(dev)
+        rec.update(update_s=time.perf_counter() - t1,
+                   update_tokens=sum(ro.seq.numel() for ro, _ in chunks),
+                   update_flops=sum(update_flops(mcfg, cfg, ro) for ro, _ in chunks))
+        records.append(rec)
+        if rank == 0:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            progress(bar, rec, time.perf_counter() - t0, peak_flops)
+        if save and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+            save(step + 1, pending)
+    bar.close()
+    if log:
+        log.close()
+    return records
 
 
-def draw(model, batch, cfg, mcfg, g, stats):
-    """The method's rollout (copsd.make_rollout) for one micro-batch, rows prompt-major; stats
-    receives the sampler's model calls."""
-    return copsd.make_rollout(
-        cfg.method, model, batch["prompt"], batch["attn"], mcfg.mask_token_id, K=cfg.K,
-        answers=batch["answers"], generator=g, copsd_kw=cfg.copsd_kw(), stats=stats,
-        temperature=cfg.temperature,
-        **sampler(cfg, mcfg, cfg.train_tokens_per_step, cfg.rollout_cache))
-
-
-def loss_options(cfg):
-    """Each method's keyword options for its loss (copsd.METHODS), from the config."""
-    return dict(copsd=cfg.copsd_loss_kw(),
-                dopsd=dict(n_steps=cfg.dopsd_steps, block_length=cfg.block_length)).get(
-        cfg.method, {})
-
-
-def loss_count(cfg, ro):
-    """What the loss averages over: COPSD the positions masked in y_{t-s}; the MDM loss the
-    response tokens (and the other losses, as a proxy)."""
-    return int(ro.mask_ts.sum()) if cfg.method == "copsd" else ro.seq.numel() - len(ro) * ro.P
+def progress(bar, rec, seconds, peak_flops):
+    """tqdm's line: loss, d, MFU (— where the GPU's peak is unknown), generated tokens/s."""
+    flops = rec["sample_flops"] + rec["update_flops"]
+    bar.update(1)
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", d=f"{rec['d']:.3g}",
+                    mfu=f"{flops / seconds / peak_flops:.1%}" if peak_flops else "—",
+                    tok_s=f"{rec['gen_tokens'] * dist.get_world_size() / seconds:.0f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,19 +595,15 @@ def evaluate(model, mcfg, tok, rows, cfg, dev):
     eb = cfg.eval_batch
     per = -(-len(rows) // (world * eb)) * eb  # every rank runs as many batches (FSDP)
     mine = [rows[min(i, len(rows) - 1)] for i in range(rank * per, (rank + 1) * per)]
-    columns = ({f"τ={cfg.eval_threshold}": sampler(cfg, mcfg, cfg.block_length, cfg.eval_cache,
-                                                   threshold=cfg.eval_threshold)}
-               if cfg.eval_threshold else
-               {str(n): sampler(cfg, mcfg, n, cfg.eval_cache) for n in cfg.eval_tokens_per_step})
     model.eval()
     out = {}
     with gathered(model, not cfg.reshard_when_sampling):
-        for name, kw in columns.items():
+        for name, sp in eval_samplers(cfg, mcfg).items():
             texts, tpf = [], []
             for i in range(0, per, eb):
                 b = make_batch(mine[i:i + eb], mcfg, dev)
                 seq, states = copsd.generate(model, b["prompt"], b["attn"], mcfg.mask_token_id,
-                                             record=True, **kw)
+                                             sp, record=True)
                 texts += [response_text(tok, s.tolist(), mcfg, cfg.task)
                           for s in seq[:, b["prompt"].shape[1]:].cpu()]
                 tpf.append(copsd.tokens_per_forward(states, mcfg.mask_token_id))
@@ -683,201 +736,19 @@ def resume_state(d, meta, model, opt, dev):
 
 
 # ----------------------------------------------------------------------------------------------
-# training: on-policy windows of `resample_every` steps; each rank its slice of every step
-
-
-def micro_batches(rows, cfg, step):
-    """This rank's micro-batches of `step`: (prompts, global micro-batch id). Prompts follow a
-    seeded permutation per epoch, so the order depends on neither the rank count nor restarts."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    per_rank = cfg.prompts_per_step // world
-    out = []
-    for j in range(per_rank // cfg.micro_batch):
-        first = step * cfg.prompts_per_step + rank * per_rank + j * cfg.micro_batch
-        picked = []
-        for i in range(first, first + cfg.micro_batch):
-            order = np.random.default_rng([cfg.seed, i // len(rows)]).permutation(len(rows))
-            picked.append(rows[order[i % len(rows)]])
-        out.append((picked, rank * (per_rank // cfg.micro_batch) + j))
-    return out
-
-
-def sample(model, rows, cfg, mcfg, steps, dev):
-    """θ' = the current weights draw the rollouts of `steps`: {(step, j): Rollout}, and the
-    tokens generated and model FLOPs spent (SFT generates none)."""
-    model.eval()
-    out, tokens, flops = {}, 0, 0
-    with gathered(model, not cfg.reshard_when_sampling):
-        for s in steps:
-            for j, (picked, mb) in enumerate(micro_batches(rows, cfg, s)):
-                g, stats = generator(dev, cfg.seed, "rollout", s, mb), {}
-                ro = out[(s, j)] = draw(model, make_batch(picked, mcfg, dev), cfg, mcfg, g, stats)
-                if stats:
-                    tokens += len(ro) * cfg.gen_length
-                    flops += sampler_flops(mcfg, cfg, len(ro), ro.P, stats, cfg.rollout_cache)
-    return out, tokens, flops
-
-
-def train_step(model, opt, step, chunks, cfg, dev):
-    """One optimiser step on this rank's micro-batches [(rollout, micro-batch id)]; returns the
-    mean loss and d over the global batch. FSDP averages gradients over ranks, so each
-    micro-batch's mean is weighted by its count over the global count, times the world size."""
-    model.train()
-    loss_fn, options = copsd.METHODS[cfg.method][1], loss_options(cfg)
-    counts = [loss_count(cfg, ro) for ro, _ in chunks]
-    total = torch.tensor([float(sum(counts))], device=dev)
-    dist.all_reduce(total)
-    total = max(total.item(), 1.0)
-    sums = torch.zeros(2, device=dev)
-    for (ro, mb), n in zip(chunks, counts):
-        g = generator(dev, cfg.seed, "loss", step, mb)
-        loss, stats = loss_fn(model, ro, model.cfg.mask_token_id, generator=g, **options)
-        (loss * (n * dist.get_world_size() / total)).backward()
-        sums += torch.tensor([loss.item() * n, stats.get("d", 0.0) * n], device=dev)
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    dist.all_reduce(sums)
-    return (sums / total).tolist()
-
-
-def train(cfg, model, mcfg, rows, opt, start, pending, dev, assets):
-    """The loop: at each window's start sample the window's rollouts, then one optimiser step on
-    this step's micro-batches; log, and checkpoint every save_every steps. Returns per-step
-    records: each phase's time, tokens and FLOPs (this rank's)."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    window = 1 if cfg.bench else cfg.resample_every or cfg.steps
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
-    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.method, disable=rank != 0)
-    records = []
-    for step in range(start, cfg.steps):
-        sync(dev)
-        t0 = time.perf_counter()
-        rec = dict(step=step + 1, sample_s=None, sample_flops=0, gen_tokens=0)
-        if step % window == 0:
-            pending, rec["gen_tokens"], rec["sample_flops"] = sample(
-                model, rows, cfg, mcfg, range(step, min(step + window, cfg.steps)), dev)
-            sync(dev)
-            rec["sample_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        chunks = [(pending.pop((step, j)), mb)
-                  for j, (_, mb) in enumerate(micro_batches(rows, cfg, step))]
-        rec["loss"], rec["d"] = train_step(model, opt, step, chunks, cfg, dev)
-        sync(dev)
-        rec.update(update_s=time.perf_counter() - t1,
-                   update_tokens=sum(ro.seq.numel() for ro, _ in chunks),
-                   update_flops=sum(update_flops(mcfg, cfg, ro) for ro, _ in chunks))
-        records.append(rec)
-        if rank == 0:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            seconds = time.perf_counter() - t0
-            mfu = (rec["sample_flops"] + rec["update_flops"]) / seconds / cfg.peak_flops
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", d=f"{rec['d']:.3g}", mfu=f"{mfu:.1%}",
-                            tok_s=f"{rec['gen_tokens'] * world / seconds:.0f}")
-        if not cfg.bench and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save_checkpoint(model, opt, mcfg, cfg, step + 1, pending, assets)
-    bar.close()
-    if log:
-        log.close()
-    return records
-
-
-def bench_table(records, cfg, dev):
-    """Per phase, over the steps after the first: seconds per step, tokens/s (all ranks), model
-    TFLOP/s per GPU and MFU, and peak memory per rank. A phase that did not run prints "—"."""
-    recs = records[1:] or records
-    n, world = len(recs), dist.get_world_size()
-    counts = torch.tensor([sum(r[k] for r in recs) / n for k in
-                           ("gen_tokens", "sample_flops", "update_tokens", "update_flops")],
-                          dtype=torch.float64, device=dev)
-    dist.all_reduce(counts)  # every rank's tokens and FLOPs
-    mem = torch.tensor([torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda"
-                        else 0.0], device=dev)
-    mems = [torch.zeros_like(mem) for _ in range(world)]
-    dist.all_gather(mems, mem)
-    if dist.get_rank() != 0:
-        return
-    gen, fl_s, upd, fl_u = counts.tolist()
-    t_s = sum(r["sample_s"] or 0.0 for r in recs) / n
-    t_u = sum(r["update_s"] for r in recs) / n
-    print("\n| phase | s/step | tokens/s | TFLOP/s per GPU | MFU % |\n|---|---|---|---|---|")
-    for name, secs, tokens, flops in [("sampling (generated tokens)", t_s, gen, fl_s),
-                                      ("update (rows x (P+L) tokens)", t_u, upd, fl_u),
-                                      ("step", t_s + t_u, gen or upd, fl_s + fl_u)]:
-        if secs == 0 or tokens == 0:  # the phase did not run in the measured steps
-            print(f"| {name} | — | — | — | — |")
-            continue
-        tf = flops / world / secs
-        print(f"| {name} | {secs:.4g} | {tokens / secs:.4g} | {tf / 1e12:.4g} | "
-              f"{100 * tf / cfg.peak_flops:.3g} |")
-    print("peak GPU memory per rank (GiB): " + ", ".join(f"{m.item():.1f}" for m in mems))
-
-
-@torch.no_grad()
-def bench_sampler(model, mcfg, cfg, dev):
-    """The sampler alone, greedy on random prompts of --bench_prompt_len at
-    --train_tokens_per_step, for each setting (cache, CUDA graph, threshold 0.9) and batch:
-    tokens/s, tokens per forward, peak memory over the weights', and the floor: model FLOPs
-    over --peak_flops or bytes over --peak_bandwidth, whichever is larger. The dual cache is
-    also timed with refresh 2 (the full forward at every other step)."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    vocab, P = min(mcfg.vocab_size, mcfg.mask_token_id), cfg.bench_prompt_len
-    cuda = dev.type == "cuda"
-    n_blocks = cfg.gen_length // cfg.block_length
-    model.eval()
-    lines = []
-    with gathered(model, True):
-        for cache, graph, threshold, refresh in [
-                ("none", False, None, 0), ("prefix", False, None, 0), ("dual", False, None, 0),
-                ("dual", True, None, 0), ("dual", True, None, 2), ("dual", True, 0.9, 0)]:
-            kw = sampler(cfg, mcfg, cfg.train_tokens_per_step, cache, threshold=threshold)
-            kw.update(cuda_graph=graph, refresh=refresh)
-            warm = dict(kw, gen_length=cfg.block_length, steps=kw["steps"] // n_blocks)
-            copsd.generate(model, torch.randint(0, vocab, (1, P), generator=g).to(dev), None,
-                           mcfg.mask_token_id, **warm)
-            for B in cfg.bench_batches:
-                prompt, stats = torch.randint(0, vocab, (B, P), generator=g).to(dev), {}
-                sync(dev)
-                if cuda:
-                    base = torch.cuda.memory_allocated(dev)
-                    torch.cuda.reset_peak_memory_stats(dev)
-                t0 = time.perf_counter()
-                _, states = copsd.generate(model, prompt, None, mcfg.mask_token_id, record=True,
-                                           stats=stats, **kw)
-                sync(dev)
-                secs = time.perf_counter() - t0
-                peak = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 30 if cuda else 0.0
-                fl = sampler_flops(mcfg, cfg, B, P, stats, cache) / cfg.peak_flops
-                by = sampler_bytes(mcfg, B, P + cfg.gen_length, stats, cache)
-                by /= cfg.peak_bandwidth
-                tpf = copsd.tokens_per_forward(states, mcfg.mask_token_id)
-                lines.append(f"| {cache} | {'yes' if graph else 'no'} | {threshold or '—'} | "
-                             f"{refresh or '—'} | {B} | "
-                             f"{B * cfg.gen_length / secs:.1f} | {tpf:.2f} | {secs:.3g} | "
-                             f"{max(fl, by):.3g} ({'FLOPs' if fl >= by else 'bytes'}) | "
-                             f"{secs / max(fl, by):.1f} | {peak:.2f} |")
-    if dist.get_rank() == 0:
-        print(f"\nsampler: prompt {P}, gen {cfg.gen_length}, block {cfg.block_length}, "
-              f"{cfg.train_tokens_per_step} tokens/step, greedy\n| cache | CUDA graph | threshold "
-              "| refresh | B | tokens/s | TPF | s | floor s | measured / floor | peak GiB over "
-              "weights |\n|---|---|---|---|---|---|---|---|---|---|---|")
-        print("\n".join(lines))
-
-
-# ----------------------------------------------------------------------------------------------
 # putting it together
 
 
-def bench_rows(cfg, mcfg):
-    """--bench prompts: random tokens of a fixed length (no tokenizer, no download)."""
-    g = torch.Generator().manual_seed(cfg.seed)
-    vocab = min(mcfg.vocab_size, mcfg.mask_token_id)
-    return [{"ids": torch.randint(0, vocab, (cfg.bench_prompt_len,), generator=g).tolist(),
-             "answer_ids": [mcfg.eos_token_id] * cfg.gen_length}
-            for _ in range(cfg.prompts_per_step)]
+def start_run(cfg, model, rows):
+    """The run directory, a line on rank 0 saying what runs, and the optimiser."""
+    if dist.get_rank() == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        print(f"{cfg.method}: {model.num_params() / 1e9:.2f}B parameters on "
+              f"{dist.get_world_size()} rank(s), {len(rows)} prompts, {cfg.steps} steps of "
+              f"{cfg.prompts_per_step} prompts x {cfg.K}")
+    dist.barrier()
+    Opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
+    return Opt(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def run(cfg, dev, mesh):
@@ -887,41 +758,30 @@ def run(cfg, dev, mesh):
            None if cfg.random_init else resolve_model_dir(cfg.model_dir))
     model, mcfg = build_model(cfg, src, dev, mesh)
     tok_path = cfg.tokenizer or os.path.join(src or cfg.model_dir or ".", "tokenizer.json")
-    if cfg.bench:
-        train_rows, eval_rows, assets = bench_rows(cfg, mcfg), [], {}
-    else:
-        tok = load_tokenizer(tok_path, mcfg)
-        train_rows, eval_rows = make_data(cfg)
-        tokenize(train_rows, tok, mcfg, cfg)
-        tokenize(eval_rows, tok, mcfg, cfg)
-        assets = read_assets(src, tok_path)
+    tok = load_tokenizer(tok_path, mcfg)
+    train_rows, eval_rows = make_data(cfg)
+    tokenize(train_rows, tok, mcfg, cfg)
+    tokenize(eval_rows, tok, mcfg, cfg)
     if cfg.eval_only:
         report(evaluate(model, mcfg, tok, eval_rows, cfg, dev), cfg, src, None)
         return
     if not train_rows:
         raise SystemExit("error: no training prompts (--data)")
-    if dist.get_rank() == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        print(f"{cfg.method}: {model.num_params() / 1e9:.2f}B parameters on "
-              f"{dist.get_world_size()} rank(s), {len(train_rows)} prompts, {cfg.steps} steps of "
-              f"{cfg.prompts_per_step} prompts x {cfg.K}")
-    dist.barrier()
-    Opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.SGD
-    opt = Opt(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    assets = read_assets(src, tok_path)
+    opt = start_run(cfg, model, train_rows)
     start, pending = resume_state(ckpt, meta, model, opt, dev) if ckpt else (0, {})
-    records = train(cfg, model, mcfg, train_rows, opt, start, pending, dev, assets)
-    if cfg.bench:
-        bench_table(records, cfg, dev)
-        if cfg.bench_sampler:
-            bench_sampler(model, mcfg, cfg, dev)
-    elif not cfg.skip_eval and eval_rows:
+
+    def save(step, pending):
+        save_checkpoint(model, opt, mcfg, cfg, step, pending, assets)
+    train(cfg, model, mcfg, train_rows, opt, rollout_sampler(cfg, mcfg), dev, start, pending, save)
+    if not cfg.skip_eval and eval_rows:
         report(evaluate(model, mcfg, tok, eval_rows, cfg, dev), cfg,
                os.path.join(cfg.out, f"step-{cfg.steps:06d}"), cfg.steps)
 
 
-def main(argv=None):
-    """The command line; bad input ends in a one-line error and a non-zero exit status."""
-    cfg = parse_config(TrainConfig, argv, description=__doc__)
+def launch(cfg, run):
+    """run(cfg, dev, mesh) in the process group; bad input ends in a one-line error and a
+    non-zero exit status."""
     try:
         dev, mesh = init_distributed(cfg)
         try:
@@ -937,6 +797,10 @@ def main(argv=None):
             return 1
         raise
     return 0
+
+
+def main(argv=None):
+    return launch(copsd.parse_config(TrainConfig, argv, description=__doc__), run)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ run (same global batch: allclose) and for the killed-and-resumed run (bit-exact)
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
@@ -23,12 +24,16 @@ import copsd  # noqa: E402
 import model as M  # noqa: E402
 import sudoku  # noqa: E402
 import train_llada as T  # noqa: E402
+from experiments import bench_llada  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>",
             "<|eot_id|>", "<|mdm_mask|>"]
 EOS, MASK = 0, 5  # their ids: special tokens come first in the trained vocabulary
-pytestmark = pytest.mark.filterwarnings("ignore:.*returned a view tensor")
+pytestmark = [pytest.mark.filterwarnings("ignore:.*returned a view tensor"),
+              pytest.mark.filterwarnings("ignore:.*DTensor random operators")]
 
+# the registry's methods that train_llada.py runs (OPDLM needs a causal teacher of LLaDA's shape)
+METHODS = [m for m, x in copsd.METHODS.items() if not x.toy_only]
 FLAGS = ["--device", "cpu", "--task", "sudoku", "--n_train", "16", "--n_eval", "4", "--gen_length",
          "16", "--block_length", "8", "--train_tokens_per_step", "2", "--eval_tokens_per_step",
          "2,8", "--eval_batch", "2", "--K", "2", "--prompts_per_step", "4", "--micro_batch", "1",
@@ -247,12 +252,14 @@ def test_bad_flags(tiny_dir, capsys):
 
 
 def test_method_choices_are_the_methods_that_run(capsys):
-    """--method offers exactly what runs: opdlm (no causal teacher of LLaDA's shape) is refused by
-    argparse, naming the choices."""
+    """--method offers exactly the registry's methods but the toy-only: opdlm (no causal teacher
+    of LLaDA's shape) is refused by argparse, naming the choices, which are the registry's."""
+    assert "opdlm" not in METHODS and set(METHODS) == set(copsd.METHODS) - {"opdlm"}
     with pytest.raises(SystemExit):
         T.main(["--method", "opdlm"])
     err = capsys.readouterr().err
-    assert "invalid choice: 'opdlm'" in err and all(m in err for m in T.METHODS)
+    assert "invalid choice: 'opdlm'" in err
+    assert re.findall(r"\w+", err.split("choose from")[1]) == METHODS
 
 
 def test_help_explains_every_flag(capsys):
@@ -261,9 +268,11 @@ def test_help_explains_every_flag(capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "torchrun --nproc_per_node=4 train_llada.py" in out
-    for f in fields(T.TrainConfig):
+    flags = [f for f in fields(T.TrainConfig) if "help" in f.metadata]
+    assert len(flags) <= 50  # the fields without a flag() are set in the file
+    for f in flags:
         assert f.metadata["help"].strip() and f"--{f.name}" in out, f.name
-    for m in T.METHODS:
+    for m in METHODS:
         assert m in out
     with pytest.raises(SystemExit):
         T.main(["--remasking", "topk"])
@@ -288,16 +297,22 @@ def tables(text):
     return out
 
 
+BENCH = ["--random_init", "--device", "cpu", "--steps", "3", "--prompts_per_step", "2", "--K",
+         "2", "--gen_length", "32", "--block_length", "16", "--bench_prompt_len", "16",
+         "--micro_batch", "1"]
+
+
 def test_bench_rates_are_consistent_with_their_times(tiny_dir, tmp_path, capsys):
-    """--bench with default flags (--resample_every 0): every measured step samples, so every
-    rate is finite and is the phase's tokens per step over its printed time; the sampler table
-    likewise, for every cache and batch."""
-    args = ["--random_init", "--config", tiny_dir, "--device", "cpu", "--bench", "--steps", "3",
-            "--prompts_per_step", "2", "--K", "2", "--gen_length", "32", "--block_length", "16",
-            "--bench_prompt_len", "16", "--micro_batch", "1", "--bench_batches", "1,3",
-            "--out", str(tmp_path)]
-    assert T.main(args) == 0
-    phases, samplers = tables(capsys.readouterr().out)
+    """experiments.bench_llada with default flags (--resample_every 0): every measured step
+    samples, so every rate is finite and is the phase's tokens per step over its printed time;
+    the sampler table likewise, for every cache and batch. MFU and the floor need the GPU's
+    ceilings: given here, as a CPU has none."""
+    args = BENCH + ["--config", tiny_dir, "--bench_batches", "1,3", "--out", str(tmp_path),
+                    "--peak_flops", "989e12", "--peak_bandwidth", "4.8e12"]
+    assert bench_llada.main(args) == 0
+    text = capsys.readouterr().out
+    assert "ceilings per GPU (CPU): 989 TFLOP/s, 4.8 TB/s" in text
+    phases, samplers = tables(text)
     rows = {name: [float(v) for v in vals] for name, vals in phases.items()}
     tokens = {"sampling (generated tokens)": 2 * 2 * 32, "update (rows x (P+L) tokens)": 2 * 2 * 48,
               "step": 2 * 2 * 32}
@@ -305,6 +320,7 @@ def test_bench_rates_are_consistent_with_their_times(tiny_dir, tmp_path, capsys)
     for name, (secs, rate, tflops, mfu) in rows.items():
         assert 0 < secs < 60 and 0 < rate < 1e9 and tflops >= 0
         assert rate * secs == pytest.approx(tokens[name], rel=0.02), name
+        assert mfu == pytest.approx(100 * tflops * 1e12 / 989e12, rel=0.01), name
     assert rows["step"][0] == pytest.approx(rows["sampling (generated tokens)"][0]
                                             + rows["update (rows x (P+L) tokens)"][0], rel=0.02)
     # none, prefix, dual, dual + graph (+ refresh 2, + threshold); B = 1, 3
@@ -314,28 +330,59 @@ def test_bench_rates_are_consistent_with_their_times(tiny_dir, tmp_path, capsys)
         assert float(rate) * float(secs) == pytest.approx(B * 32, rel=0.02), key
         assert float(tpf) == 2.0 if key.split()[2] == "—" else float(tpf) >= 1.0
         assert float(floor.split()[0]) > 0 and float(ratio) > 0
+    # no ceilings known (a CPU, no flags): no MFU and no floor, rather than a wrong one
+    assert bench_llada.main(BENCH + ["--config", tiny_dir, "--bench_batches", "1", "--out",
+                                     str(tmp_path / "unknown")]) == 0
+    phases, samplers = tables(capsys.readouterr().out)
+    assert all(vals[3] == "—" for vals in phases.values())
+    assert len(samplers) == 6 and all(vals[3:5] == ["—", "—"] for vals in samplers.values())
+
+
+def test_bench_help_adds_its_flags_to_the_trainers(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_llada.main(["--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "python -m experiments.bench_llada" in out
+    for f in fields(bench_llada.BenchConfig):
+        assert ("help" not in f.metadata) or f"--{f.name}" in out, f.name
+    assert "--bench_batches" in out and "--peak_flops" in out and "--bench " not in out
+
+
+def test_gpu_ceilings_by_name_and_by_flag():
+    """Each GPU's own dense bf16 peak and bandwidth (an H200 is not an H100), found in
+    torch.cuda.get_device_name()'s answer; none for a GPU not in the table; the flags win."""
+    assert M.gpu_ceilings("NVIDIA H100 80GB HBM3") == (989e12, 3.35e12)
+    assert M.gpu_ceilings("NVIDIA H200") == (989e12, 4.8e12)
+    assert M.gpu_ceilings("NVIDIA A100-SXM4-80GB") == (312e12, 2.039e12)
+    assert M.gpu_ceilings("NVIDIA A100-SXM4-40GB") == (312e12, 1.555e12)
+    assert M.gpu_ceilings("NVIDIA B200") == (2.25e15, 8e12)
+    assert M.gpu_ceilings("Tesla T4") == (0, 0)
+    cpu = torch.device("cpu")
+    assert T.ceilings(T.TrainConfig(), cpu) == (0, 0)
+    assert T.ceilings(T.TrainConfig(peak_flops=1e15, peak_bandwidth=2e12), cpu) == (1e15, 2e12)
 
 
 def test_sampler_floor_counts_the_refreshed_forwards(tiny_dir):
     """A cache refreshed at every step (refresh=1) runs every call over the whole sequence: the
     FLOPs of no cache, and no cached reads; refresh 2 lies between the plain cache and none.
     The counts are generate's own (its stats), for 8 steps per block."""
-    c, cfg = M.read_config(tiny_dir), T.TrainConfig(gen_length=32, block_length=16)
+    c, sp = M.read_config(tiny_dir), copsd.Sampler(gen_length=32, block_length=16, steps=16)
     model, P = M.LLaDA(c), 16
     prompt = torch.randint(0, MASK, (4, P), generator=torch.Generator().manual_seed(0))
 
     def stats(cache, refresh=0):
         out = {}
-        copsd.generate(model, prompt, None, MASK, 32, 16, 16, cache=cache, refresh=refresh,
-                       stats=out)
+        copsd.generate(model, prompt, None, MASK, sp, cache=cache, refresh=refresh, stats=out)
         return out
 
     none, runs = stats("none"), [stats("dual", r) for r in (0, 2, 1)]
     assert [s["full"] for s in runs] == [[1, 1], [4, 4], [8, 8]] and none["full"] == [8, 8]
-    flops = [T.sampler_flops(c, cfg, 4, P, s, "dual") for s in runs]
-    assert flops[0] < flops[1] < flops[2] == T.sampler_flops(c, cfg, 4, P, none, "none")
-    by = [T.sampler_bytes(c, 4, P + 32, s, "dual") for s in runs]
-    assert by[0] > by[1] > by[2] == T.sampler_bytes(c, 4, P + 32, none, "none")
+    dual, exact = replace(sp, cache="dual"), replace(sp, cache="none")
+    flops = [M.sampler_flops(c, dual, 4, P, s) for s in runs]
+    assert flops[0] < flops[1] < flops[2] == M.sampler_flops(c, exact, 4, P, none)
+    by = [M.sampler_bytes(c, dual, 4, P, s) for s in runs]
+    assert by[0] > by[1] > by[2] == M.sampler_bytes(c, exact, 4, P, none)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,7 +416,7 @@ Solve the following Sudoku puzzle: 3102200002100320
 
 
 def test_d1_prompt_and_puzzles():
-    cfg = T.parse_config(T.TrainConfig, ["--n_train", "40", "--n_eval", "30"])
+    cfg = copsd.parse_config(T.TrainConfig, ["--n_train", "40", "--n_eval", "30"])
     train, ev = T.make_data(cfg)
     assert len(train) == 40 and len(ev) == 30
     seen = set()
@@ -385,7 +432,7 @@ def test_d1_prompt_and_puzzles():
     assert text == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\n"
                     + D1_MESSAGE.strip()
                     + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n<reasoning>")
-    minimal = T.make_data(T.parse_config(T.TrainConfig, ["--n_train", "4", "--n_eval", "4",
+    minimal = T.make_data(copsd.parse_config(T.TrainConfig, ["--n_train", "4", "--n_eval", "4",
                                                           "--sudoku_puzzles", "minimal"]))[1]
     assert all((r["puzzle"] == 0).sum() >= 10 for r in minimal)  # the toy's harder puzzles
 
