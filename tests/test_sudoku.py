@@ -1,10 +1,9 @@
-"""sudoku.py: grids, puzzles, splits, the metric, input checking, the CLI end to end."""
+"""sudoku.py: grids, puzzles, splits, the metric, the flags, input checking, the default run end
+to end (tiny), --solve."""
 
 import dataclasses
-import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import copsd
 import sudoku
 from conftest import ROOT
 from model import from_pretrained
@@ -141,15 +141,31 @@ def test_parse_puzzle_errors(text, words):
 
 
 def parse(argv):
-    return sudoku.parse_config(sudoku.Config, argv)
+    return copsd.parse_config(sudoku.Config, argv)
 
 
-def test_config_every_field_is_a_flag():
+def test_config_flags_and_hidden_fields():
+    """What a reader varies is a flag; the base, its data and recipe keep their defaults (the lab
+    notebook, experiments/, makes them flags)."""
     assert parse([]) == sudoku.Config()
     cfg = parse(["--K", "7", "--s", "0.3", "--keep_z", "--methods", "base,copsd", "--no-group_norm",
-                 "--tokens_per_step", "1,16"])
+                 "--tokens_per_step", "1,16", "--dopsd_steps", "3"])
     assert (cfg.K, cfg.s, cfg.keep_z, cfg.methods) == (7, 0.3, True, ("base", "copsd"))
-    assert cfg.group_norm is False and cfg.tokens_per_step == (1, 16)
+    assert cfg.group_norm is False and cfg.tokens_per_step == (1, 16) and cfg.dopsd_steps == 3
+    with pytest.raises(SystemExit):
+        parse(["--n_pretrain", "10"])
+
+
+def test_methods_are_the_registrys():
+    """--methods offers exactly copsd.METHODS (OPDLM, toy-only, included), the base and the SFT
+    compositions, each row labelled by the registry."""
+    (methods,) = [f for f in dataclasses.fields(sudoku.Config) if f.name == "methods"]
+    assert methods.metadata["choices"] == ("base", *copsd.METHODS, "sft+self", "sft+copsd")
+    assert any(m.toy_only for m in copsd.METHODS.values()) and "opdlm" in sudoku.ROWS
+    for m, method in copsd.METHODS.items():
+        assert sudoku.label(m) == method.label
+    assert sudoku.label("sft+copsd", "later") == "SFT + COPSD (later)"
+    assert sudoku.label("copsd", "paper") == "COPSD" and sudoku.label("base") == "Base"
 
 
 def run_cli(*args, timeout=240):
@@ -161,11 +177,14 @@ def test_help_explains_every_flag():
     r = run_cli("--help", timeout=120)
     assert r.returncode == 0
     help_text = " ".join(r.stdout.split())  # argparse wraps lines
-    assert "python sudoku.py --ablations" in help_text  # the commands a user runs first
-    for f in dataclasses.fields(sudoku.Config):
+    assert "python sudoku.py --solve" in help_text  # the commands a user runs first
+    assert "python -m experiments.study --help" in help_text  # where the study went
+    flags = [f for f in dataclasses.fields(sudoku.Config) if "help" in f.metadata]
+    for f in flags:
         assert f.metadata["help"].strip(), f.name
         assert f"--{f.name}" in help_text, f.name
-    for m in ("base",) + sudoku.METHODS:
+    assert len(flags) <= 25 and "--n_pretrain" not in help_text
+    for m in sudoku.ROWS:
         assert m in help_text, m
 
 
@@ -180,24 +199,32 @@ def test_typo_is_a_one_line_argparse_error(args, choice):
 
 
 ROWS = ["Base", "Base-Self", "COPSD"]
-TINY_MODEL = ["--n_pretrain", "200", "--n_distill", "64", "--n_test", "32", "--d_model", "32",
-              "--n_layers", "1", "--n_heads", "2", "--mlp_hidden_size", "64",
-              "--pretrain_max_steps", "20", "--eval_every", "10", "--prompts_per_step", "4", "--K",
-              "2", "--premise_prompts", "8", "--premise_K", "4"]
-TINY = TINY_MODEL + ["--seeds", "1", "--steps", "2", "--no-readings"]
+# the hidden fields of a tiny configuration (the tests' default run)
+TINY = dict(n_pretrain=200, n_distill=64, n_test=32, d_model=32, n_layers=1, n_heads=2,
+            mlp_hidden_size=64, pretrain_max_steps=20, eval_every=10, prompts_per_step=4, K=2,
+            premise_prompts=8, premise_K=4, steps=2)
+
+
+def run_tiny(out, timeout=300, **kw):
+    """sudoku.run on the tiny configuration, in a process of its own (as `python sudoku.py`)."""
+    code = ("import torch, sudoku; torch.set_num_threads(1); "
+            f"sudoku.run(sudoku.Config(**{TINY | kw!r}, out={str(out)!r}))")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
+    """The default run, tiny, two seeds: one process each."""
     out = str(tmp_path_factory.mktemp("sudoku"))
-    r = run_cli(*TINY, "--workers", "2", "--out", out)
+    r = run_tiny(out, seeds=2)
     assert r.returncode == 0, r.stderr[-2000:]
-    return out, r.stdout
+    return out, r
 
 
 def test_smoke_run_prints_table_and_writes_json(smoke):
-    out, stdout = smoke
-    lines = stdout.splitlines()
+    out, r = smoke
+    lines = r.stdout.splitlines()
     assert any("self-consistency gap" in line for line in lines)  # the premise, measured
     header = [i for i, l in enumerate(lines) if l.startswith("Model / # Tokens")]
     assert len(header) == 2  # cell accuracy and puzzles solved
@@ -210,114 +237,59 @@ def test_smoke_run_prints_table_and_writes_json(smoke):
     assert list(res["results"]) == ROWS
     assert res["config"]["K"] == 2 and res["config"]["steps"] == 2
     for row, per_seed in res["results"].items():
-        assert len(per_seed) == 1
+        assert len(per_seed) == 2
         for n in ("1", "2", "4", "8", "16"):
-            r = per_seed[0]["test"][n]
-            assert 0 <= r["cell_acc"] <= 1 and 0 <= r["solved"] <= 1
-            assert r["tpf"] == pytest.approx(int(n))
+            s = per_seed[0]["test"][n]
+            assert 0 <= s["cell_acc"] <= 1 and 0 <= s["solved"] <= 1
+            assert s["tpf"] == pytest.approx(int(n))
         if row != "Base":  # one list per training stage, one entry per optimiser step
             (stage,) = per_seed[0]["history"]
             assert len(stage) == 2 and all(np.isfinite(h["loss"]) for h in stage)
             if row == "COPSD":
                 assert all(h["d"] >= 0 for h in stage)
             # the trained weights in model.py's layout, loadable
-            m = from_pretrained(os.path.join(per_seed[0]["dir"], "final"))
+            m = from_pretrained(per_seed[0]["ckpt"])
             assert m.cfg.d_model == 32 and m.cfg.mask_token_id == sudoku.MASK_ID
     # the table prints the JSON's numbers
-    v = 100 * res["results"]["COPSD"][0]["test"]["16"]["cell_acc"]
+    v = 100 * np.mean([s["test"]["16"]["cell_acc"] for s in res["results"]["COPSD"]])
     assert f"{v:6.2f}" in table_rows[2]
-    assert any(e.startswith("base-") for e in os.listdir(out))
+    assert len([e for e in os.listdir(out) if e.startswith("base-")]) == 2
 
 
-def test_opdlm_row_comes_with_its_ar_teacher(smoke):
-    """OPDLM's ceiling is printed beside it: its AR teacher, decoded left to right (one token per
-    step, so the same score in every column), pretrained as long as the seed's base."""
+def test_progress_tells(smoke):
+    """Pretraining shows its step, loss and validation accuracy (tqdm: with an ETA); each seed's
+    base line and rows are printed before the table, as each is ready."""
+    _, r = smoke
+    assert "val_acc=" in r.stderr and "loss=" in r.stderr and "seed 1: base" in r.stderr
+    lines = r.stdout.splitlines()
+    table = next(i for i, l in enumerate(lines) if "self-consistency gap at" in l)
+    for seed in (0, 1):
+        mine = [l for l in lines[:table] if l.startswith(f"seed {seed}: ")]
+        assert [l.split(":")[1].strip() for l in mine] == ROWS
+        assert "self-consistency gap" in mine[0] and "% at 16" in mine[2]
+
+
+def test_seed_processes_give_the_serial_results(smoke, tmp_path):
+    """A seed in a process of its own: the same numbers as here, one after the other; and a
+    rerun reads its rows from --out."""
     out, _ = smoke
-    r = run_cli(*TINY, "--methods", "base,opdlm", "--opdlm_steps", "2", "--workers", "2",
-                "--curve_every", "1", "--out", out, "--results", "opdlm.json")
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.load(open(os.path.join(out, "opdlm.json")))["results"]
-    assert list(res) == ["Base", "OPDLM", "OPDLM's AR teacher"]
-    assert [p["step"] for p in res["OPDLM"][0]["curve"]] == [1, 2]
-    assert os.path.getsize(os.path.join(out, "opdlm.png")) > 1000  # its learning curves
-    (teacher,) = res["OPDLM's AR teacher"]
-    assert len({json.dumps(v, sort_keys=True) for v in teacher["test"].values()}) == 1
-    assert teacher["test"]["16"]["tpf"] == 1.0 and teacher["premise"] is None
-    (ar,) = [e for e in os.listdir(out) if e.startswith("ar-")]
-    (base,) = [e for e in os.listdir(out) if e.startswith("base-")]
-    assert from_pretrained(os.path.join(out, ar)).cfg.causal
-    assert teacher["steps"] == from_pretrained(os.path.join(out, base)).cfg.extra["pretrain_steps"]
-
-
-def test_workers_give_the_serial_results(smoke, tmp_path):
-    """Independent runs in worker processes: the same numbers as one after the other; and a
-    rerun reads its cached runs."""
-    out, _ = smoke
-    r = run_cli(*TINY, "--workers", "1", "--out", str(tmp_path))
-    assert r.returncode == 0, r.stderr[-2000:]
     a = json.load(open(os.path.join(out, "results.json")))["results"]
-    b = json.load(open(os.path.join(tmp_path, "results.json")))["results"]
+    b = sudoku.seed_rows(sudoku.Config(**TINY, seeds=2, out=str(tmp_path)), 1)
     for row in ROWS:
-        assert a[row][0]["test"] == b[row][0]["test"]
-        assert a[row][0]["history"] == b[row][0]["history"]
+        assert a[row][1]["test"] == b[row]["test"]
+        assert a[row][1]["history"] == b[row]["history"]
     t0 = time.time()
-    assert run_cli(*TINY, "--workers", "1", "--out", str(tmp_path)).returncode == 0
-    assert json.load(open(os.path.join(tmp_path, "results.json")))["results"] == b
-    assert time.time() - t0 < 60
+    r = run_tiny(out, seeds=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.load(open(os.path.join(out, "results.json")))["results"]
+    assert again == a and time.time() - t0 < 60
 
 
-def test_decoding_settings_reevaluate_the_cached_runs(smoke):
-    """--cache / --threshold change the evaluation only: the trained runs are read back, not
-    retrained; threshold decoding is one column with its tokens per forward."""
-    out, _ = smoke
-    before = json.load(open(os.path.join(out, "results.json")))["results"]
-    for flags, column in ((["--cache", "dual"], "16"), (["--cache", "dual", "--refresh", "2"], "1"),
-                          (["--threshold", "0.5"], "τ=0.5")):
-        t0 = time.time()
-        r = run_cli(*TINY, *flags, "--workers", "2", "--out", out, "--results", "decoding.json")
-        assert r.returncode == 0, r.stderr[-2000:]
-        res = json.load(open(os.path.join(out, "decoding.json")))["results"]
-        assert time.time() - t0 < 60 and column in res["COPSD"][0]["test"]
-        assert res["COPSD"][0]["history"] == before["COPSD"][0]["history"]  # not retrained
-        assert res["COPSD"][0]["test"][column]["tpf"] >= 1
-
-
-def test_study_end_to_end(tmp_path):
-    """--study on a tiny configuration: every regime and row, the budget and learning rate chosen
-    as the validation argmax, test scores at that choice, the figures."""
-    r = run_cli(*TINY_MODEL, "--study", "--seeds", "1", "--study_steps", "4", "--curve_every", "2",
-                "--opdlm_steps", "4", "--study_lrs", "1e-4,3e-4", "--workers", "2",
-                "--out", str(tmp_path), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "estimated" in r.stdout.splitlines()[0]
-    res = json.load(open(os.path.join(tmp_path, "study.json")))["results"]
-    assert list(res) == ["minimal", "early", "multi"]
-    for regime, got in res.items():
-        best = max(got["choice"], key=lambda c: c["val"])
-        assert (got["lr"], got["steps"]) == (best["lr"], best["step"])
-        assert {c["step"] for c in got["choice"]} == {2, 4} and len(got["choice"]) == 4
-        table = got["table"]
-        assert {"Base", "COPSD", "COPSD (later, forward)", "SFT + COPSD", "COPSD with Z", "OPDLM",
-                "COPSD s/T=0.1"} <= set(table)
-        for row, runs in table.items():
-            assert all(0 <= runs[0]["test"][n]["cell_acc"] <= 1 for n in ("1", "16")), row
-        # the chosen point's validation score is the mean over the Table 1 rows of their curves
-        curves = [table[name][0]["curve"] for name in sudoku.MAIN]
-        at = [p for c in curves for p in c if p["step"] == got["steps"]]
-        assert np.mean([(p["val1"] + p["val16"]) / 2 for p in at]) == pytest.approx(best["val"])
-    figures = os.listdir(os.path.join(tmp_path, "figures"))
-    assert sorted(figures) == ["curves.png", "figure2.png", "figure3.png", "related.png",
-                               "table1.png"]
-    # a study split over machines merges through the cache: results and test scores alone
-    # (no kept checkpoints) give one regime's tables again, unchanged
-    for d in glob.glob(os.path.join(tmp_path, "runs", "*", "step-*")):
-        shutil.rmtree(d)
-    r = run_cli(*TINY_MODEL, "--study", "--seeds", "1", "--study_steps", "4", "--curve_every", "2",
-                "--opdlm_steps", "4", "--study_lrs", "1e-4,3e-4", "--workers", "2",
-                "--study_regimes", "early", "--out", str(tmp_path), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    again = json.load(open(os.path.join(tmp_path, "study.json")))["results"]
-    assert list(again) == ["early"] and again["early"] == res["early"]
+def test_a_dead_worker_is_a_one_line_error():
+    with pytest.raises(SystemExit) as e:
+        dict(sudoku.in_processes({"seed 0": (os._exit, 3), "seed 1": (abs, -1)}, 2))
+    msg = str(e.value.code)
+    assert "\n" not in msg and "died" in msg and "seed 0" in msg
 
 
 def test_several_solution_puzzles_and_their_score():
@@ -401,8 +373,7 @@ def test_solve_with_cached_and_explicit_checkpoint(smoke):
     assert r.returncode == 0, r.stderr
     check_grid(r.stdout, puzzle)
     res = json.load(open(os.path.join(out, "results.json")))["results"]
-    r = run_cli("--solve", puzzle, "--ckpt", os.path.join(res["COPSD"][0]["dir"], "final"),
-                timeout=120)
+    r = run_cli("--solve", puzzle, "--ckpt", res["COPSD"][0]["ckpt"], timeout=120)
     assert r.returncode == 0, r.stderr
     check_grid(r.stdout, puzzle)
 

@@ -1,0 +1,312 @@
+"""
+The study behind the toy's tables and figures (experiments/README.md), over sudoku.py's code.
+
+    python -m experiments.study --readings        # one regime: + a COPSD row per reading of Eq. 6
+    python -m experiments.study --ablations --s_sweep        # + Table 4's rows and Figure 3's s/T
+    python -m experiments.study --methods base,self,copsd,sft,sft+copsd,selfusion,dopsd,opdlm
+    python -m experiments.study --cache dual --refresh 2     # the same runs, another sampler
+    python -m experiments.study --study --out out/study      # everything, every regime (hours)
+    python -m experiments.study --replot out/study/study.json   # its figures, from its results
+    python -m experiments.study --device cuda --methods base,opdlm --opdlm_steps 16000 \\
+        --curve_every 200                                      # OPDLM to the end of its conversion
+
+One regime (the default): the rows of sudoku.py's table and those asked for, over --seeds, each
+run kept under --out, independent runs in --workers processes. --study: every regime; Table 1's
+self-distillation rows at each --study_lrs with learning curves; the budget and learning rate
+chosen per regime on validation; the other rows (SFT, Table 4, Figure 3, the related methods) at
+that choice; the tables and five figures.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import sudoku
+from copsd import flag, parse_config
+from experiments import figures
+from experiments.runs import base_row, evaluate_at, parallel, run_row
+
+D = sudoku.Config  # the toy's defaults, which these flags expose
+
+
+@dataclass
+class StudyConfig(sudoku.Config):
+    """the lab notebook (python -m experiments.study)"""
+    workers: int = flag(0, "worker processes for independent runs (0: one per CPU core); any "
+                           "number gives the same results")
+    results: str = flag("results.json", "one regime's results file name under --out")
+    readings: bool = flag(False, "add a COPSD row for each other reading of Eq. 6 (--objective)")
+    ablations: bool = flag(False, "add Table 4's rows: w/o group normalisation, with Z, "
+                                  "COPSD-Random")
+    s_sweep: bool = flag(False, "add Figure 3's rows: COPSD at each --sweep_s")
+    sweep_s: tuple = flag((0.1, 0.3, 0.7, 0.8), "s/T values of Figure 3 besides --s")
+    study: bool = flag(False, "every regime, every row, budgets and learning rate chosen per "
+                              "regime on validation, figures (hours: prints its estimate first)")
+    study_lrs: tuple = flag((3e-5, 1e-4), "--study: the learning rates to choose from")
+    study_steps: int = flag(120, "--study: the learning curves' length, the longest budget it "
+                                 "can choose")
+    study_regimes: tuple = flag(("minimal", "early", "multi"), "--study: the regimes (each is "
+                                "independent: split a study over machines, then run it whole "
+                                "from the merged cache)", choices=("minimal", "early", "multi"))
+    replot: str = flag("", "redraw the figures of this study JSON (or the learning curves of "
+                           "these results JSONs, comma-separated) and exit")
+    curve_every: int = flag(0, "validation accuracy at 1 and 16 tokens/step every this many "
+                               "post-training steps (learning curves; --study: 20); 0 = off")
+    cache: str = flag("none", "K/V cache in evaluation (one block of 16: prefix and dual are "
+                              "the same)", choices=("none", "prefix", "dual"))
+    refresh: int = flag(0, "with --cache: also refresh the whole cache every this many steps of "
+                           "a block (0: at the block's start only, as Fast-dLLM)")
+    threshold: float = flag(0.0, "confidence-threshold decoding in evaluation: one column, with "
+                                 "its tokens per forward; 0 = off")
+    n_pretrain: int = flag(D.n_pretrain, "pretraining puzzles (with solutions)")
+    n_distill: int = flag(D.n_distill, "self-distillation prompts (puzzles only)")
+    n_test: int = flag(D.n_test, "test puzzles (the paper evaluates on 256)")
+    most_solutions: int = flag(D.most_solutions, "the multi regime's puzzles keep at most this "
+                                                 "many solutions")
+    d_model: int = flag(D.d_model, "width of the base model")
+    n_layers: int = flag(D.n_layers, "blocks of the base model")
+    n_heads: int = flag(D.n_heads, "attention heads of the base model")
+    mlp_hidden_size: int = flag(D.mlp_hidden_size, "MLP width of the base model")
+    pretrain_lr: float = flag(D.pretrain_lr, "AdamW learning rate of pretraining")
+    pretrain_batch: int = flag(D.pretrain_batch, "puzzles per pretraining step")
+    base_target: float = flag(D.base_target, "stop pretraining at this validation blank-cell "
+                                             "accuracy (1 token/step)")
+    pretrain_max_steps: int = flag(D.pretrain_max_steps, "pretraining steps at most")
+    eval_every: int = flag(D.eval_every, "pretraining steps between validation checks")
+    early_t: float = flag(D.early_t, "early regime: most pretraining mask ratios are "
+                                     "t ~ U(0, early_t)")
+    early_share: float = flag(D.early_share, "early regime: the share of pretraining rows with "
+                                             "t ~ U(0, early_t) (the rest: U(0, 1))")
+    opdlm_lr: float = flag(D.opdlm_lr, "OPDLM's learning rate (its student starts as a "
+                                       "next-token predictor)")
+    opdlm_steps: int = flag(D.opdlm_steps, "OPDLM's own budget (its conversion from an AR model "
+                                           "ends after 16000-24000: experiments/README.md)")
+    premise_prompts: int = flag(D.premise_prompts, "prompts for the self-consistency "
+                                                   "measurement")
+    premise_K: int = flag(D.premise_K, "completions per prompt for the self-consistency "
+                                       "measurement")
+    solve: str = ""  # sudoku.py's, not the notebook's
+    ckpt: str = ""
+
+    def columns(self):
+        """The evaluation's columns: sudoku.columns with --cache and --refresh, or one column
+        of threshold decoding (--threshold)."""
+        sampler = dataclasses.replace(sudoku.SAMPLER, cache=self.cache, refresh=self.refresh,
+                                      threshold=self.threshold or None)
+        if self.threshold:
+            return {f"τ={self.threshold}": sampler.at(sudoku.GEN_LEN)}
+        return {str(n): sampler.at(n) for n in self.tokens_per_step}
+
+
+# ----------------------------------------------------------------------------------------------
+# the rows: (training stages, the flags they change)
+
+READINGS = {"COPSD (score)": dict(objective="score"), "COPSD (exact)": dict(objective="exact"),
+            "COPSD (later)": dict(objective="later"),
+            "COPSD (later, forward)": dict(objective="later", later_direction="forward")}
+MAIN = {"Base-Self": (["self"], {}), "COPSD": (["copsd"], {})} | {
+    name: (["copsd"], flags) for name, flags in READINGS.items()}
+ABLATIONS = {"COPSD w/o group normalization": (["copsd"], dict(group_norm=False)),
+             "COPSD with Z": (["copsd"], dict(keep_z=True)),
+             "COPSD-Random": (["copsd"], dict(random_s=True))}
+OTHER = ({sudoku.label(m): (m.split("+"), {}) for m in ("sft", "sft+self", "sft+copsd")}
+         | ABLATIONS | {sudoku.label(m): ([m], {}) for m in ("selfusion", "dopsd", "opdlm")})
+TEACHER = "OPDLM's AR teacher"  # a row beside OPDLM's: the accuracy its conversion can reach
+
+
+def sweep(cfg):
+    return {f"COPSD s/T={s}": (["copsd"], dict(s=s)) for s in cfg.sweep_s}
+
+
+def rows_of(cfg):
+    """{row name: (stages, flags)} of one regime's table: the Base, --methods, the rows asked
+    for (--readings, --ablations, --s_sweep) and, with OPDLM, its AR teacher."""
+    rows = {"Base": ([], {})} | {sudoku.label(m, cfg.objective): (m.split("+"), {})
+                                 for m in cfg.methods if m != "base"}
+    if cfg.readings:
+        rows |= {name: (["copsd"], flags) for name, flags in
+                 ({"COPSD (paper)": dict(objective="paper")} | READINGS).items()
+                 if flags != dict(objective=cfg.objective)}
+    if cfg.ablations:
+        rows |= ABLATIONS
+    if cfg.s_sweep:
+        rows |= sweep(cfg)
+    if "opdlm" in cfg.methods:
+        rows[TEACHER] = ([], {})
+    return rows
+
+
+def row_task(cfg, seed, name, stages, flags):
+    """The task (fn, *args) that gives one row for one seed."""
+    if not stages:
+        return base_row, cfg, seed, name == TEACHER
+    return run_row, cfg, seed, stages, flags
+
+
+# ----------------------------------------------------------------------------------------------
+# one regime, and the study
+
+
+def table(cfg):
+    """One regime's table over cfg.seeds seeds: the bases (and AR teachers) first, one process
+    each, then every (row, seed) in cfg.workers processes."""
+    t0, seeds, rows = time.time(), range(cfg.seeds), rows_of(cfg)
+    os.makedirs(cfg.out, exist_ok=True)
+    # one process per base: they are the longest tasks, and a second wave would idle a core
+    parallel({s: (sudoku.pretrain, cfg, s) for s in seeds}, max(cfg.workers, cfg.seeds),
+             "bases", bars=True)
+    if "opdlm" in cfg.methods:  # before the rows, two of which need each
+        parallel({s: (sudoku.ar_teacher, cfg, s) for s in seeds}, max(cfg.workers, cfg.seeds),
+                 "AR teachers", bars=True)
+    done = parallel({(name, s): row_task(cfg, s, name, *spec) for name, spec in rows.items()
+                     for s in seeds}, cfg.workers, "rows")
+    results = {name: [done[(name, s)] for s in seeds] for name in rows}
+    sudoku.print_premise(cfg.regime, results["Base"])
+    sudoku.report(results, list(cfg.columns()), cfg.regime)
+    path = os.path.join(cfg.out, cfg.results)
+    sudoku.atomic_json(path, dict(config=dataclasses.asdict(cfg), results=results))
+    if cfg.curve_every:
+        figures.plot_curves({cfg.regime: results}, os.path.splitext(path)[0] + ".png")
+    print(f"\nwall time {time.time() - t0:.0f} s; results in {path}"
+          + (", learning curves beside it (.png)" if cfg.curve_every else ""))
+    return results
+
+
+def choose(curves):
+    """The budget and learning rate of a regime, on validation: the (lr, step) whose accuracy,
+    the mean of 1 and 16 tokens/step, averaged over the rows and seeds, is highest.
+    curves: {lr: [curve of each (row, seed)]}. The same choice for every method."""
+    score_of = {}
+    for lr, runs in curves.items():
+        for point in zip(*runs):
+            score_of[(lr, point[0]["step"])] = np.mean([p["val1"] + p["val16"] for p in point]) / 2
+    return max(score_of, key=score_of.get), score_of
+
+
+def estimate(cfg, n_runs):
+    """Seconds the study should take: a few post-training steps and one validation pass of a
+    random model, timed here, scaled to every run's steps and curve points."""
+    torch.manual_seed(0)
+    model = sudoku.LLaDA(sudoku.model_config(cfg))
+    data = sudoku.make_splits(0, 0, 64, 0, n_val=256)
+    c = dataclasses.replace(cfg, steps=cfg.resample_every or 8)
+    t = time.time()
+    sudoku.post_train(model, c, data, "copsd", 0)
+    per_step = (time.time() - t) / c.steps
+    t = time.time()
+    sudoku.evaluate(model, data["val"], sudoku.columns([1, 16]))
+    per_point = time.time() - t
+    runs = n_runs * (cfg.steps * per_step + cfg.steps // (cfg.curve_every or 20) * per_point)
+    bases = 3 * cfg.seeds * 600 * per_step / 4  # ~600 pretraining steps, a quarter the cost
+    return (runs + bases) / max(cfg.workers, 1)
+
+
+def chosen(regimes, cfg, runs):
+    """Each regime's choice on validation from its Table 1 runs {(regime, lr, row, seed):
+    result}: {regime: dict(lr, steps, choice: every point tried with its score)}."""
+    out = {}
+    for r in regimes:
+        (lr, step), score_of = choose({lr: [runs[(r, lr, name, s)]["curve"] for name in MAIN
+                                            for s in range(cfg.seeds)] for lr in cfg.study_lrs})
+        out[r] = dict(lr=lr, steps=step, choice=[dict(lr=a, step=b, val=v)
+                                                 for (a, b), v in score_of.items()])
+    return out
+
+
+def load(path):
+    """A study's or a run's saved JSON: (its config, its results); a one-line error if not."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        return saved["config"], saved["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--replot {path}: not a study or results JSON ({e})")
+
+
+def replot(paths):
+    """A study JSON's five figures (into figures/ beside it), or the learning curves of one or
+    more runs' results JSONs (comma-separated: a panel each, beside the first, .png)."""
+    saved = {path: load(path) for path in paths.split(",")}
+    (config, results), first = next(iter(saved.values())), next(iter(saved))
+    if len(saved) == 1 and all(isinstance(v, dict) and "table" in v for v in results.values()):
+        return figures.plot(results, os.path.join(os.path.dirname(first), "figures"),
+                            config["s"], config["sweep_s"], list(MAIN), list(OTHER))
+    regimes = [c["regime"] for c, _ in saved.values()]
+    panels = {(c["regime"] if regimes.count(c["regime"]) == 1 else
+               f"{c['regime']} ({os.path.basename(path)})"): r for path, (c, r) in saved.items()}
+    figures.plot_curves(panels, os.path.splitext(first)[0] + ".png")
+
+
+def study(cfg):
+    """Every regime: the bases and their premise; Table 1's rows at each --study_lrs with
+    learning curves; the budget and learning rate chosen on validation (choose); the test
+    split at that choice; then the other rows at it; the tables; the figures."""
+    t0, cfg = time.time(), dataclasses.replace(cfg, steps=cfg.study_steps)
+    regimes = {r: dataclasses.replace(cfg, regime=r, objective="paper",
+                                      curve_every=cfg.curve_every or 20)
+               for r in cfg.study_regimes}
+    seeds, rest = range(cfg.seeds), OTHER | sweep(cfg)
+    n_runs = len(regimes) * cfg.seeds * (len(MAIN) * len(cfg.study_lrs) + len(rest))
+    print(f"the study: {len(regimes)} regimes x {cfg.seeds} seeds, {n_runs} runs of up to "
+          f"{cfg.steps} steps (OPDLM {cfg.opdlm_steps}); estimated "
+          f"{estimate(cfg, n_runs) / 3600:.1f} h on {cfg.workers} worker(s)")
+    every = [(r, c, s) for r, c in regimes.items() for s in seeds]
+    parallel({(r, s): (sudoku.pretrain, c, s) for r, c, s in every}, cfg.workers, "bases",
+             bars=True)
+    bases = parallel({(r, s): (base_row, c, s) for r, c, s in every}, cfg.workers, "premise")
+    runs = parallel({(r, lr, name, s): (run_row, dataclasses.replace(c, lr=lr), s, *MAIN[name],
+                                        True)
+                     for r, c in regimes.items() for lr in cfg.study_lrs for name in MAIN
+                     for s in seeds}, cfg.workers, "Table 1 rows, each lr")
+    choice = chosen(regimes, cfg, runs)
+    at = {r: dataclasses.replace(c, lr=choice[r]["lr"], steps=choice[r]["steps"])
+          for r, c in regimes.items()}
+    tests = parallel({(r, name, s): (evaluate_at, regimes[r], s,
+                                     runs[(r, choice[r]["lr"], name, s)]["dir"],
+                                     choice[r]["steps"])
+                      for r in regimes for name in MAIN for s in seeds},
+                     cfg.workers, "test at the chosen budget")
+    others = parallel({(r, name, s): (run_row, at[r], s, *spec) for r in regimes
+                       for name, spec in rest.items() for s in seeds},
+                      cfg.workers, "the other rows")
+    results = {}
+    for r in regimes:
+        runs_at = {name: [dict(runs[(r, choice[r]["lr"], name, s)], test=tests[(r, name, s)])
+                          for s in seeds] for name in MAIN}
+        table = ({"Base": [bases[(r, s)] for s in seeds]} | runs_at
+                 | {name: [others[(r, name, s)] for s in seeds] for name in rest})
+        results[r] = dict(choice[r], table=table)
+        print(f"\n=== regime {r}: lr {choice[r]['lr']}, {choice[r]['steps']} steps (chosen on "
+              "validation) ===")
+        sudoku.print_premise(r, table["Base"])
+        sudoku.report(table, list(cfg.columns()), r)
+    path = os.path.join(cfg.out, "study.json")
+    sudoku.atomic_json(path, dict(config=dataclasses.asdict(cfg), results=results))
+    replot(path)
+    print(f"\nwall time {(time.time() - t0) / 3600:.2f} h; results in {path}, figures in "
+          f"{cfg.out}/figures")
+    return results
+
+
+def main(argv=None):
+    cfg = parse_config(StudyConfig, argv, description=__doc__)
+    cfg = dataclasses.replace(cfg, workers=cfg.workers or os.cpu_count() or 1)
+    if cfg.replot:
+        return replot(cfg.replot)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here")
+    try:
+        cfg.columns()
+    except ValueError as e:
+        raise SystemExit(f"the evaluation's sampler: {e}")
+    torch.set_num_threads(1)  # one thread per run, serial or parallel: the same numbers
+    study(cfg) if cfg.study else table(cfg)
+
+
+if __name__ == "__main__":
+    main()

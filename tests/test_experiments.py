@@ -1,0 +1,187 @@
+"""experiments/ (the lab notebook): its flags, the cached runs and their workers, decoding
+settings over cached runs, OPDLM with its AR teacher, the study end to end, its figures redrawn
+from its JSON."""
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import sudoku
+from conftest import ROOT
+from copsd import parse_config
+from experiments import study
+from model import from_pretrained
+
+ROWS = ["Base", "Base-Self", "COPSD"]
+FIELDS = dict(n_pretrain=200, n_distill=64, n_test=32, d_model=32, n_layers=1, n_heads=2,
+              mlp_hidden_size=64, pretrain_max_steps=20, eval_every=10, prompts_per_step=4, K=2,
+              premise_prompts=8, premise_K=4)  # a tiny configuration
+TINY_MODEL = [arg for k, v in FIELDS.items() for arg in (f"--{k}", str(v))]
+TINY = TINY_MODEL + ["--seeds", "1", "--steps", "2", "--no-readings"]
+
+
+def run_cli(*args, timeout=240):
+    return subprocess.run([sys.executable, "-m", "experiments.study", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_field_of_the_toy_is_a_flag_here():
+    """The notebook exposes what sudoku.py keeps as plain fields, with the toy's defaults."""
+    cfg = parse_config(study.StudyConfig, [])
+    toy = sudoku.Config()
+    for f in dataclasses.fields(sudoku.Config):
+        assert getattr(cfg, f.name) == getattr(toy, f.name), f.name
+    flagged = {f.name for f in dataclasses.fields(study.StudyConfig) if "help" in f.metadata}
+    toys = {f.name for f in dataclasses.fields(sudoku.Config)} - {"solve", "ckpt"}  # its own
+    assert toys <= flagged and not {"solve", "ckpt"} & flagged
+    assert parse_config(study.StudyConfig, ["--n_pretrain", "10"]).n_pretrain == 10
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("notebook"))
+    r = run_cli(*TINY, "--workers", "2", "--out", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out, r.stdout
+
+
+def test_one_regime_gives_the_toys_numbers(smoke):
+    """The notebook's one-regime table (its own cached runs, in workers) prints the numbers of
+    `python sudoku.py` at the same configuration, and keeps each run's weights loadable."""
+    out, stdout = smoke
+    lines = stdout.splitlines()
+    header = [i for i, l in enumerate(lines) if l.startswith("Model / # Tokens")]
+    assert len(header) == 2 and [l.split()[0] for l in lines[header[0] + 1:][:3]] == ROWS
+    res = json.load(open(os.path.join(out, "results.json")))["results"]
+    assert list(res) == ROWS
+    toy = sudoku.seed_rows(sudoku.Config(**FIELDS, seeds=1, steps=2, out=out), 0)  # its rows/
+    for row in ROWS:
+        assert res[row][0]["test"] == toy[row]["test"], row
+        assert res[row][0]["history"] == toy[row]["history"], row
+    assert res["Base"][0]["premise"] == toy["Base"]["premise"]
+    for row in ROWS[1:]:
+        m = from_pretrained(os.path.join(res[row][0]["dir"], "final"))
+        assert m.cfg.d_model == 32 and m.cfg.mask_token_id == sudoku.MASK_ID
+
+
+def test_opdlm_row_comes_with_its_ar_teacher(smoke):
+    """OPDLM's ceiling is printed beside it: its AR teacher, decoded left to right (one token per
+    step, so the same score in every column), pretrained as long as the seed's base."""
+    out, _ = smoke
+    r = run_cli(*TINY, "--methods", "base,opdlm", "--opdlm_steps", "2", "--workers", "2",
+                "--curve_every", "1", "--out", out, "--results", "opdlm.json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.load(open(os.path.join(out, "opdlm.json")))["results"]
+    assert list(res) == ["Base", "OPDLM", "OPDLM's AR teacher"]
+    assert [p["step"] for p in res["OPDLM"][0]["curve"]] == [1, 2]
+    assert os.path.getsize(os.path.join(out, "opdlm.png")) > 1000  # its learning curves
+    (teacher,) = res["OPDLM's AR teacher"]
+    assert len({json.dumps(v, sort_keys=True) for v in teacher["test"].values()}) == 1
+    assert teacher["test"]["16"]["tpf"] == 1.0 and teacher["premise"] is None
+    (ar,) = [e for e in os.listdir(out) if e.startswith("ar-")]
+    (base,) = [e for e in os.listdir(out) if e.startswith("base-")]
+    assert from_pretrained(os.path.join(out, ar)).cfg.causal
+    assert teacher["steps"] == from_pretrained(os.path.join(out, base)).cfg.extra["pretrain_steps"]
+
+
+def test_workers_give_the_serial_results(smoke, tmp_path):
+    """Independent runs in worker processes: the same numbers as one after the other; and a
+    rerun reads its cached runs."""
+    out, _ = smoke
+    r = run_cli(*TINY, "--workers", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    a = json.load(open(os.path.join(out, "results.json")))["results"]
+    b = json.load(open(os.path.join(tmp_path, "results.json")))["results"]
+    for row in ROWS:
+        assert a[row][0]["test"] == b[row][0]["test"]
+        assert a[row][0]["history"] == b[row][0]["history"]
+    t0 = time.time()
+    assert run_cli(*TINY, "--workers", "1", "--out", str(tmp_path)).returncode == 0
+    assert json.load(open(os.path.join(tmp_path, "results.json")))["results"] == b
+    assert time.time() - t0 < 60
+
+
+def test_decoding_settings_reevaluate_the_cached_runs(smoke):
+    """--cache / --threshold change the evaluation only: the trained runs are read back, not
+    retrained; threshold decoding is one column with its tokens per forward."""
+    out, _ = smoke
+    before = json.load(open(os.path.join(out, "results.json")))["results"]
+    for flags, column in ((["--cache", "dual"], "16"), (["--cache", "dual", "--refresh", "2"], "1"),
+                          (["--threshold", "0.5"], "τ=0.5")):
+        t0 = time.time()
+        r = run_cli(*TINY, *flags, "--workers", "2", "--out", out, "--results", "decoding.json")
+        assert r.returncode == 0, r.stderr[-2000:]
+        res = json.load(open(os.path.join(out, "decoding.json")))["results"]
+        assert time.time() - t0 < 60 and column in res["COPSD"][0]["test"]
+        assert res["COPSD"][0]["history"] == before["COPSD"][0]["history"]  # not retrained
+        assert res["COPSD"][0]["test"][column]["tpf"] >= 1
+
+
+@pytest.mark.parametrize("args,word", [(["--threshold", "1.5"], "threshold"),
+                                       (["--cache", "dual", "--refresh", "-1"], "refresh"),
+                                       (["--replot", "nowhere.json"], "nowhere.json")])
+def test_bad_settings_are_one_line(args, word, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        study.main([*TINY, *args, "--out", str(tmp_path)])
+    msg = str(e.value.code)
+    assert "\n" not in msg and word in msg, msg
+    assert not os.listdir(tmp_path)  # stopped before any work
+
+
+def digests(folder):
+    return {f: hashlib.sha1(open(os.path.join(folder, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(folder))}
+
+
+def test_study_end_to_end(tmp_path):
+    """--study on a tiny configuration: every regime and row, the budget and learning rate chosen
+    as the validation argmax, test scores at that choice, the figures (redrawn, byte for byte,
+    from the study's JSON alone)."""
+    args = [*TINY_MODEL, "--study", "--seeds", "1", "--study_steps", "4", "--curve_every", "2",
+            "--opdlm_steps", "4", "--study_lrs", "1e-4,3e-4", "--workers", "2"]
+    r = run_cli(*args, "--out", str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "estimated" in r.stdout.splitlines()[0]
+    res = json.load(open(os.path.join(tmp_path, "study.json")))["results"]
+    assert list(res) == ["minimal", "early", "multi"]
+    for regime, got in res.items():
+        best = max(got["choice"], key=lambda c: c["val"])
+        assert (got["lr"], got["steps"]) == (best["lr"], best["step"])
+        assert {c["step"] for c in got["choice"]} == {2, 4} and len(got["choice"]) == 4
+        table = got["table"]
+        assert {"Base", "COPSD", "COPSD (later, forward)", "SFT + COPSD", "COPSD with Z", "OPDLM",
+                "COPSD s/T=0.1"} <= set(table)
+        for row, runs in table.items():
+            assert all(0 <= runs[0]["test"][n]["cell_acc"] <= 1 for n in ("1", "16")), row
+        # the chosen point's validation score is the mean over the Table 1 rows of their curves
+        curves = [table[name][0]["curve"] for name in study.MAIN]
+        at = [p for c in curves for p in c if p["step"] == got["steps"]]
+        assert np.mean([(p["val1"] + p["val16"]) / 2 for p in at]) == pytest.approx(best["val"])
+    folder = os.path.join(tmp_path, "figures")
+    drawn = digests(folder)
+    assert list(drawn) == ["curves.png", "figure2.png", "figure3.png", "related.png",
+                           "table1.png"]
+    # the figures regenerate from the JSON alone, byte for byte
+    moved = os.path.join(tmp_path, "elsewhere")
+    os.makedirs(moved)
+    shutil.copy(os.path.join(tmp_path, "study.json"), moved)
+    r = run_cli("--replot", os.path.join(moved, "study.json"), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert digests(os.path.join(moved, "figures")) == drawn
+    # a study split over machines merges through the cache: results and test scores alone
+    # (no kept checkpoints) give one regime's tables again, unchanged
+    for d in glob.glob(os.path.join(tmp_path, "runs", "*", "step-*")):
+        shutil.rmtree(d)
+    r = run_cli(*args, "--study_regimes", "early", "--out", str(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.load(open(os.path.join(tmp_path, "study.json")))["results"]
+    assert list(again) == ["early"] and again["early"] == res["early"]
