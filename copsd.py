@@ -14,6 +14,7 @@ p*K .. p*K + K - 1 (`per_prompt`). Log-probabilities, ratios and distances are f
 """
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
@@ -346,6 +347,23 @@ def tokens_per_forward(states, mask_id):
     return float((masked[:, 0] - masked[:, -1]).sum() / busy.clamp(min=1))
 
 
+def aup(points, y_max=None, alpha=3.0, max_drop=5.0):
+    """AUP, accuracy under parallelism (d3LLM's leaderboard): one number for a curve of
+    (tokens per forward ρ, accuracy y in %) points. Sorted by ρ, points more than max_drop below
+    the first's accuracy are left out; then AUP = ρ_1 y_1 + the trapezoid integral of
+    y W(y) over ρ from ρ_1 to the last point, W(y) = min(1, exp(-alpha (1 - y / y_max))), y_max
+    the best accuracy of any method on the task (default: this curve's). A method that keeps its
+    accuracy while decoding more tokens per forward scores more; accuracy lost is penalised."""
+    pts = sorted(points)
+    pts = [(r, y) for r, y in pts if y >= pts[0][1] - max_drop]
+    y_max = max(y for _, y in pts) if y_max is None else y_max
+    yw = [y * min(1.0, math.exp(-alpha * (1 - y / y_max))) for _, y in pts]
+    area = pts[0][0] * pts[0][1]  # the first point's rectangle, unweighted
+    for (r0, _), (r1, _), w0, w1 in zip(pts, pts[1:], yw, yw[1:]):
+        area += 0.5 * (r1 - r0) * (w0 + w1)
+    return area
+
+
 def graphed(model, inp, attn, kv, lo):
     """model(window, attn, cache=kv, pos=its positions) captured as a CUDA graph: the returned
     step(window, lo) copies the window's tokens and positions into the captured inputs and
@@ -669,6 +687,81 @@ def opdlm_loss(student, ro, mask_id, teacher, *, n_states=1, beta=0.0, top_k=Non
 
 
 # ----------------------------------------------------------------------------------------------
+# The field's parallel-decoding distillations (comparison rows): hard labels from the model's
+# own responses, masked one block at a time, and a certainty term
+
+
+def block_views(y, block_length, keep, generator=None):
+    """Two complementary views of one block per row (dParallel, d3LLM): a block drawn uniformly
+    per row (earlier blocks clean, later ones all M without loss); inside it the positions where
+    `keep` (N, L) is False are masked in the first view and the others in the second. Returns
+    the masks to apply (2N, L), copy-major, and the masks that carry the loss (2N, L)."""
+    N, L = y.shape
+    k = torch.randint(0, L // block_length, (N, 1), generator=generator, device=y.device)
+    blk = torch.arange(L, device=y.device) // block_length
+    block, later = blk == k, blk > k
+    loss_at = torch.cat([block & ~keep, block & keep])
+    return loss_at | stacked(later, 2), loss_at
+
+
+def forced_terms(logits, y, loss_at, temperature):
+    """Per row: the mean cross-entropy at the loss positions, and the mean entropy of
+    softmax(logits / temperature) at those of them the model already predicts right (argmax =
+    y): certainty forcing, which sharpens what is right without touching what is wrong."""
+    ce = -pick(F.log_softmax(logits, -1), y)
+    logq = F.log_softmax(logits / temperature, -1)
+    entropy = -(logq.exp() * logq).sum(-1)
+    right = loss_at & (logits.argmax(-1) == y)
+    return ((ce * loss_at).sum(1) / loss_at.sum(1).clamp(min=1),
+            (entropy * right).sum(1) / right.sum(1).clamp(min=1))
+
+
+def certainty_loss(model, ro, mask_id, *, block_length=None, p=0.5, temperature=0.5, weight=2.0,
+                   generator=None):
+    """dParallel's certainty-forcing distillation on the model's own responses ro.seq: one block
+    per row, each of its tokens masked with probability p in one view and the others in the
+    complementary view; per view the cross-entropy at its masked tokens plus `weight` x the
+    entropy at temperature `temperature` of those it already predicts right (forced_terms).
+    Loss = CE + CE' + weight (E + E'), each a per-row mean, averaged over rows."""
+    seq, P = ro.seq, ro.P
+    y = seq[:, P:]
+    keep = torch.rand(y.shape, generator=generator, device=y.device) >= p
+    masks, loss_at = block_views(y, block_length or y.shape[1], keep, generator)
+    logits = model(apply_mask(stacked(seq, 2), P, masks, mask_id), stacked(ro.attn, 2), start=P)
+    ce, ent = (rearrange(v, "(v n) -> v n", v=2) for v in
+               forced_terms(logits, stacked(y, 2), loss_at, temperature))
+    loss = (ce.sum(0) + weight * ent.sum(0)).mean()
+    return loss, dict(ce=ce.mean().item(), entropy=ent.mean().item(), n_tokens=int(loss_at.sum()))
+
+
+def d3llm_loss(model, ro, mask_id, *, block_length=None, t_min=0.0, t_max=0.8, temperature=0.5,
+               weight=2.0, generator=None):
+    """d3LLM's pseudo-trajectory distillation on the model's own trajectories ro.states: in the
+    drawn block the student sees the tokens its decoding unmasked first (the n = (1 - t) B
+    earliest, t ~ U(t_min, t_max), ties in random order) and learns the later ones; the
+    complementary view the reverse. d3LLM raises t_min to t_max over training (a caller's
+    schedule). Loss = (CE + CE' + weight E) / 4, E on the first view only (forced_terms)."""
+    seq, P = ro.seq, ro.P
+    y = seq[:, P:]
+    N, L = y.shape
+    B = block_length or L
+    order = (ro.states[:, :, P:] == mask_id).sum(1).float()  # the step that decoded each token
+    order += torch.rand(order.shape, generator=generator, device=y.device)  # ties: at random
+    t = t_min + (t_max - t_min) * torch.rand(N, 1, generator=generator, device=y.device)
+    blk = torch.arange(L, device=y.device) // B
+    key = order + blk * (ro.states.shape[1] + 1)  # block by block, earlier-decoded first
+    rank = key.argsort(1).argsort(1) - blk * B  # each token's place in its block's order
+    keep = rank < ((1 - t) * B).floor()
+    masks, loss_at = block_views(y, B, keep, generator)
+    logits = model(apply_mask(stacked(seq, 2), P, masks, mask_id), stacked(ro.attn, 2), start=P)
+    ce, ent = (rearrange(v, "(v n) -> v n", v=2) for v in
+               forced_terms(logits, stacked(y, 2), loss_at, temperature))
+    loss = (ce.sum(0) + weight * ent[0]).mean() / 4
+    return loss, dict(ce=ce.mean().item(), entropy=ent[0].mean().item(),
+                      n_tokens=int(loss_at.sum()))
+
+
+# ----------------------------------------------------------------------------------------------
 # The methods as sudoku.py and train_llada.py run them: one registry. Adding a loss is the
 # function above, one entry here, and its test.
 
@@ -755,6 +848,11 @@ METHODS = {
     "dopsd": Method("d-OPSD", "trajectories", dopsd_loss, lambda c, sp: dict(
         n_steps=c.dopsd_steps, block_length=sp.block_length if sp.n_blocks > 1 else None)),
     "opdlm": Method("OPDLM", "trajectories", opdlm_loss, toy_only=True),  # teacher=: the caller
+    # the field's parallel-decoding distillations, one block at a time of the sampler's blocks
+    "dparallel": Method("dParallel", "samples", certainty_loss,
+                        lambda c, sp: dict(block_length=sp.block_length)),
+    "d3llm": Method("d3LLM", "trajectories", d3llm_loss,
+                    lambda c, sp: dict(block_length=sp.block_length)),
 }
 
 

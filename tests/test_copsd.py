@@ -838,7 +838,8 @@ def test_every_registered_method_trains_on_its_own_data():
                                                      temperature=1.0)
     answers = torch.randint(0, VOCAB - 1, (2, 8), generator=gen(0))
     teacher = tiny_model(seed=3, causal=True)
-    assert set(copsd.METHODS) == {"self", "sft", "copsd", "selfusion", "dopsd", "opdlm"}
+    assert set(copsd.METHODS) == {"self", "sft", "copsd", "selfusion", "dopsd", "opdlm",
+                                  "dparallel", "d3llm"}
     for name, method in copsd.METHODS.items():
         ro = copsd.make_rollout(name, m, prompt, pattn, MASK, sp, cfg, answers=answers,
                                 generator=gen(1))

@@ -14,6 +14,7 @@ torch.set_num_threads(1)
 
 import copsd  # noqa: E402
 from copsd import Rollout  # noqa: E402
+from test_copsd import FixedLogits  # noqa: E402
 from model import LLaDA, ModelConfig  # noqa: E402
 
 V, M = 12, 13  # vocab_size, mask id (past the head, as in LLaDA's padded embedding)
@@ -333,3 +334,78 @@ def test_opdlm_targets_are_the_teachers_next_token_logits():
     first[:, P] = (first[:, P] + 1) % V
     loss, _ = copsd.opdlm_loss(Fixed(shifted), Rollout(first, attn, P, states), M, teacher, **kw)
     assert loss > 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# the field's parallel-decoding distillations (dParallel, d3LLM) and their metric, AUP
+
+
+def test_certainty_term_lowers_the_entropy_where_it_targets_and_only_there():
+    """The entropy term's gradient (the loss with weight w less the loss with weight 0, same
+    draws) is zero at every position but the masked ones the model predicts right, and a small
+    step against it lowers the entropy at exactly those."""
+    B, P_, L_ = 4, 3, 8
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, V, (B, P_ + L_), generator=g)
+    logits = torch.randn(B, P_ + L_, V, generator=g)
+    logits[:B // 2, P_:].scatter_(-1, seq[:B // 2, P_:, None], 2.5)  # half the rows: right
+    ro = Rollout(seq, None, P_)
+
+    student = FixedLogits(logits)
+
+    def loss(weight):
+        return copsd.certainty_loss(student, ro, M, block_length=4, weight=weight,
+                                    generator=torch.Generator().manual_seed(3))[0]
+
+    (loss(2.0) - loss(0.0)).backward()
+    grad = student.logits.grad[:, P_:]  # only the entropy term's (the CE's cancels)
+    views = [idx[:, P_:] == M for idx in student.inputs[0].chunk(2)]  # the two views' masks
+    right = logits[:, P_:].argmax(-1) == seq[:, P_:]
+    targeted = (views[0] ^ views[1]) & right  # the drawn block's (later blocks: in both)
+    assert targeted.any() and (~targeted).any()
+    assert (grad[~targeted] == 0).all() and (grad[targeted].abs().sum(-1) > 0).all()
+    ent = lambda x: -(F.softmax(x / 0.5, -1) * F.log_softmax(x / 0.5, -1)).sum(-1)
+    after = logits[:, P_:] - 0.1 * grad
+    assert (ent(after)[targeted] < ent(logits[:, P_:])[targeted]).all()
+    assert torch.equal(ent(after)[~targeted], ent(logits[:, P_:])[~targeted])
+
+
+def test_d3llm_reveals_the_earliest_decoded_tokens_of_its_block():
+    """The first view keeps the block's (1 - t) B earliest-decoded tokens and masks the rest
+    (the loss's positions); the complementary view the reverse; other blocks: clean before,
+    masked after. The trajectory decodes one known position per step."""
+    B, L_, bl = 3, 8, 4
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(0, V, (B, P + L_), generator=g)
+    order = torch.stack([torch.randperm(L_, generator=g) for _ in range(B)])  # step of each
+    states = torch.stack([torch.where(order < s, seq[:, P:], M) for s in range(L_ + 1)], 1)
+    states = torch.cat([seq[:, None, :P].expand(-1, L_ + 1, -1), states], -1)
+    ro = Rollout(seq, None, P, states)
+    rec = Recorder(FixedLogits(torch.zeros(B, P + L_, V)))
+    copsd.d3llm_loss(rec, ro, M, block_length=bl, t_min=0.5, t_max=0.5,
+                     generator=torch.Generator().manual_seed(2))
+    first, second = (x[:, P:] for x in rec.calls[0]["idx"].chunk(2))
+    for r in range(B):
+        blk = int((first[r] == M).logical_xor(second[r] == M).nonzero()[0]) // bl
+        span = slice(blk * bl, (blk + 1) * bl)
+        assert (first[r, :blk * bl] == seq[r, P:P + blk * bl]).all()
+        assert (first[r, (blk + 1) * bl:] == M).all() and (second[r, (blk + 1) * bl:] == M).all()
+        shown = first[r, span] != M
+        assert int(shown.sum()) == 2  # (1 - 0.5) x 4
+        o = order[r, span]
+        assert set(o[shown].tolist()) == set(o.sort().values[:2].tolist())  # the earliest two
+        assert torch.equal(second[r, span] != M, ~shown)
+
+
+def test_aup_on_a_hand_computed_curve():
+    """d3LLM's AUP: rectangle at the first point, then trapezoids of y W(y); points more than 5
+    below the first left out. By hand: W(78) = exp(-3 x 0.025) = 0.92774, so (1, 80), (2, 78),
+    (4, 70) at y_max 80 gives 80 + 0.5 (80 + 72.364) = 156.18 (70 < 75 is left out), 276.66
+    with it (W(70) = exp(-0.375)). The leaderboard's LLaDA rows (y_max 74.98): dParallel 358.1,
+    d3LLM 637.7."""
+    curve = [(4, 70), (1, 80), (2, 78)]  # any order
+    assert copsd.aup(curve, 80) == pytest.approx(156.182, abs=1e-3)
+    assert copsd.aup(curve, 80, max_drop=100) == pytest.approx(276.656, abs=1e-3)
+    assert copsd.aup([(1, 74.0), (5.14, 72.63)], 74.98) == pytest.approx(358.1, abs=0.05)
+    assert copsd.aup([(1, 74.02), (9.11, 73.09)], 74.98) == pytest.approx(637.7, abs=0.05)
+    assert copsd.aup([(1.0, 72.55)]) == 72.55  # one point: its accuracy
