@@ -11,6 +11,7 @@ plain module or into an FSDP2-sharded one (each rank then reads only its own row
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field, fields
 
@@ -24,6 +25,10 @@ from torch.distributed.tensor import DTensor
 
 # ----------------------------------------------------------------------------------------------
 # config
+
+
+SIZES = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size",
+         "embedding_size", "max_sequence_length")
 
 
 @dataclass
@@ -50,6 +55,18 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def __post_init__(self):
+        """A config.json that is not of LLaDA's shape fails here, in one line."""
+        for f in fields(self):  # a float field takes an int (JSON may write 10000.0 as 10000)
+            v = getattr(self, f.name)
+            if (not isinstance(v, (int, float) if f.type is float else f.type)
+                    or isinstance(v, bool) and f.type is not bool):
+                raise ValueError(f"config: {f.name}={v!r} is not of type {f.type.__name__}")
+        bad = [n for n in SIZES if getattr(self, n) < 1] + [
+            n for n in ("rope_theta", "rms_norm_eps", "mask_token_id", "eos_token_id",
+                        "pad_token_id") if not getattr(self, n) >= 0]
+        if bad:
+            raise ValueError(f"config: {', '.join(f'{n}={getattr(self, n)}' for n in bad)}: "
+                             "sizes must be >= 1, the rest >= 0")
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"config: d_model={self.d_model} must divide by n_heads="
                              f"{self.n_heads}, and n_heads by n_kv_heads={self.n_kv_heads}")
@@ -60,6 +77,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d):
         known = {f.name for f in fields(cls)} - {"extra"}
+        if not isinstance(d, dict):
+            raise ValueError(f"config: a JSON object of LLaDA's fields, not a {type(d).__name__}")
         try:
             return cls(**{k: v for k, v in d.items() if k in known},
                        extra={k: v for k, v in d.items() if k not in known})
@@ -257,10 +276,17 @@ def tensor_files(model_dir):
     """{tensor name: shard path} from the index, or from the single model.safetensors."""
     index = os.path.join(model_dir, INDEX)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no weight_map")
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = dict(json.load(f)["weight_map"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
+        # a shard is a file of this directory: a name like ../x or /x would read from elsewhere
+        bad = [s for s in weight_map.values()
+               if not (isinstance(s, str) and re.fullmatch(r"[\w.-]+\.safetensors", s))]
+        if bad:
+            raise CheckpointError(f"{index}: shard {bad[0]!r} is not the name of a .safetensors "
+                                  f"file in {model_dir}")
         out = {name: os.path.join(model_dir, shard) for name, shard in weight_map.items()}
     elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         path = os.path.join(model_dir, "model.safetensors")
@@ -330,6 +356,8 @@ def load_weights(model: LLaDA, model_dir):
                 except RuntimeError as e:
                     msg = f"{path}: tensor {name} could not be read ({e})"
                     raise CheckpointError(msg) from None
+                if not torch.isfinite(dst).all():  # it would train on silently, and score 0
+                    raise CheckpointError(f"{path}: tensor {name} holds NaN or inf")
     return model
 
 

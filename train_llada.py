@@ -16,6 +16,7 @@ run repeats exactly what the killed one would have done. Timings: experiments/be
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -133,29 +135,38 @@ class TrainConfig(copsd.MethodConfig):
     save_dtype: str = "float32"  # of the exported weights (bf16 would erase small updates)
 
 
+# the lowest value of each numeric flag that has one (beyond copsd.MethodConfig's)
+LOWEST = dict.fromkeys(["steps", "prompts_per_step", "micro_batch", "eval_batch", "save_every",
+                        "gen_length", "block_length", "n_train", "n_eval"], 1) | dict.fromkeys(
+    ["lr", "seed", "cache_refresh", "max_shard_gb", "peak_flops", "peak_bandwidth"], 0)
+
+
 def check(cfg, world, prompts=True):
-    """Bad flags: one line each, before any work. prompts=False: a run on random prompts that
-    evaluates nothing (experiments/bench_llada.py)."""
-    errors = cfg.problems([cfg.method])  # the method's flags (copsd.MethodConfig)
+    """Bad flags, before any work: one line, the first problem (copsd.MethodConfig's, ours, the
+    samplers'). prompts=False: a run on random prompts that evaluates nothing (the bench)."""
+    v, bl = vars(cfg), max(cfg.block_length, 1)
     ns = [cfg.train_tokens_per_step] + (list(cfg.eval_tokens_per_step) if prompts else [])
-    if cfg.gen_length % cfg.block_length:
-        errors.append(f"--gen_length {cfg.gen_length} is not a multiple of --block_length "
-                      f"{cfg.block_length}")
-    errors += [f"tokens per step {n} does not divide --block_length {cfg.block_length}"
-               for n in ns if n < 1 or cfg.block_length % n]
-    if cfg.micro_batch < 1 or cfg.prompts_per_step % (world * cfg.micro_batch):
-        errors.append(f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of "
-                      f"{world} ranks x --micro_batch {cfg.micro_batch}")
-    if not cfg.random_init and not cfg.model_dir and not cfg.resume:
-        errors.append("give --model_dir DIR (or --random_init)")
-    if prompts and cfg.task == "gsm8k" and not (cfg.data or cfg.eval_data):
-        errors.append("--task gsm8k needs --data prompts.jsonl")
-    if cfg.resume and cfg.eval_only:
-        errors.append("--resume and --eval_only exclude each other")
-    if not 0 <= cfg.eval_threshold <= 1:
-        errors.append(f"--eval_threshold {cfg.eval_threshold}: a probability in (0, 1], or 0")
+    errors = cfg.problems([cfg.method]) + [why for bad, why in [
+        *[(not lo <= v[k] < math.inf, f"--{k} {v[k]}: need >= {lo}") for k, lo in LOWEST.items()],
+        *[(n < 1 or bl % n, f"tokens per step {n} does not divide --block_length {bl}")
+          for n in ns],
+        (cfg.prompts_per_step % (world * max(cfg.micro_batch, 1)),
+         f"--prompts_per_step {cfg.prompts_per_step} must be a multiple of {world} ranks x "
+         f"--micro_batch {cfg.micro_batch}"),
+        (not (cfg.random_init or cfg.model_dir or cfg.resume),
+         "give --model_dir DIR (or --random_init)"),
+        (prompts and cfg.task == "gsm8k" and not (cfg.data or cfg.eval_data),
+         "--task gsm8k needs --data prompts.jsonl"),
+        (cfg.resume and cfg.eval_only, "--resume and --eval_only exclude each other"),
+        (not 0 <= cfg.eval_threshold <= 1,
+         f"--eval_threshold {cfg.eval_threshold}: a probability in (0, 1], or 0")] if bad]
+    if not errors:  # the samplers' own checks, now that what they divide by is in range
+        try:
+            rollout_sampler(cfg, M.ModelConfig()), prompts and eval_samplers(cfg, M.ModelConfig())
+        except ValueError as e:
+            errors.append(str(e))
     if errors:
-        raise SystemExit("error: " + "; ".join(errors))
+        raise SystemExit("error: " + errors[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,18 +258,23 @@ def load_tokenizer(path, mcfg):
 
 
 def load_jsonl(path):
+    """A JSONL file's rows {"prompt": str, "answer": str if given}; a bad line: a one-line error."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: no such file")
     rows = []
-    with open(path) as f:
+    with open(path, "rb") as f:
         for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                    rows.append({"prompt": str(r["prompt"]), "answer": str(r.get("answer", ""))})
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise SystemExit(f'error: {path}:{i}: not a JSON object with a "prompt" '
-                                     f"({e})") from None
+            if not line.strip():
+                continue
+            try:  # bytes: json decodes UTF-8 itself, so a bad byte is an error of this line
+                r = json.loads(line)
+                if not (isinstance(r["prompt"], str)
+                        and isinstance(r.get("answer", ""), (str, int, float))):
+                    raise TypeError("the prompt must be a string, the answer a string or number")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise SystemExit(f'error: {path}:{i}: not a JSON object with a "prompt" ({e})'
+                                 ) from None
+            rows.append({k: str(r[k]) for k in ("prompt", "answer") if k in r})
     return rows
 
 
@@ -272,13 +288,21 @@ def sudoku_rows(puzzles, sols):
 
 
 def make_data(cfg):
-    """(train, eval) lists of {"prompt", "answer", ...}."""
+    """(train, eval) lists of {"prompt", "answer", ...}; answers where scored or imitated."""
     if cfg.task == "sudoku":
         sp = sudoku.make_splits(cfg.data_seed, 0, cfg.n_train, cfg.n_eval, n_val=0,
                                 blanks=8 if cfg.sudoku_puzzles == "d1" else None)
         return sudoku_rows(*sp["distill"]), sudoku_rows(*sp["test"])
     train = load_jsonl(cfg.data) if cfg.data else []
-    return train, load_jsonl(cfg.eval_data) if cfg.eval_data else train
+    ev = load_jsonl(cfg.eval_data) if cfg.eval_data else train
+    sft, scored = cfg.method == "sft" and not cfg.eval_only, cfg.eval_only or not cfg.skip_eval
+    for rows, path, use in [(train, cfg.data, sft and "SFT imitates"), (ev, cfg.eval_data or
+                            cfg.data, scored and "evaluation scores (or pass --skip_eval)")]:
+        missing = sum("answer" not in r for r in rows)
+        if use and (missing or not rows):
+            raise SystemExit(f"error: {path}: " + (f'{missing} of {len(rows)} rows have no '
+                             f'"answer", which {use}' if rows else "no rows"))
+    return train, ev
 
 
 def prompt_text(row):
@@ -361,10 +385,9 @@ def score(task, texts, rows):
 
 def resolve_model_dir(d):
     """A run directory of this script stands for its latest checkpoint's HF export."""
-    latest = os.path.join(d, "latest")
-    if not os.path.isfile(os.path.join(d, "config.json")) and os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(d, f.read().strip(), "hf")
+    if not os.path.isfile(os.path.join(d, "config.json")) and os.path.isfile(
+            os.path.join(d, "latest")):
+        return os.path.join(latest_step(d), "hf")
     return d
 
 
@@ -397,7 +420,7 @@ def build_model(cfg, src, dev, mesh):
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device=dev)
     if src:
-        M.load_weights(model, src)
+        agreed(M.load_weights, model, src)
     else:
         torch.manual_seed(cfg.seed)  # the same on every rank: DTensor's RNG draws each shard
         model.init_weights()
@@ -511,11 +534,12 @@ def train_step(model, opt, step, chunks, cfg, sp, dev):
         loss, stats = loss_fn(model, ro, model.cfg.mask_token_id, generator=g, **options)
         (loss * (n * dist.get_world_size() / total)).backward()
         sums += torch.tensor([loss.item() * n, stats.get("d", 0.0) * n], device=dev)
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    dist.all_reduce(sums)
+    # both are over all ranks already (the loss summed, the norm global): every rank stops here
+    copsd.check_finite(step + 1, loss=sums[0], gradient_norm=norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    dist.all_reduce(sums)
     return (sums / total).tolist()
 
 
@@ -537,42 +561,46 @@ def ceilings(cfg, dev):
 
 
 def train(cfg, model, mcfg, rows, opt, sp, dev, start=0, pending=None, save=None, window=None):
-    """The loop: at each window's start (every --resample_every steps, or `window`) sample the
-    window's rollouts with sampler sp, then one optimiser step on this step's micro-batches; log,
-    and save(step, pending) every save_every steps and at the end. Returns per-step records:
-    each phase's time, tokens and FLOPs (this rank's)."""
+    """The loop: at a window's first step sample its rollouts with sampler sp, then one optimiser
+    step on this step's micro-batches; log (cut to `start` first), and save(step, pending) every
+    save_every steps and at the end. Returns per-step records: each phase's time, tokens and
+    FLOPs (this rank's). A window: `window` steps (default --resample_every; 0: all) from each
+    multiple of it, cut at --steps, or from a resumed run's first step if its saved rollouts miss
+    it (a finished run, extended) to the next multiple: so a run extended from a multiple of the
+    window repeats the longer run exactly, else trains up to it on the resumed weights' rollouts."""
     rank, window = dist.get_rank(), window or cfg.resample_every or cfg.steps
     pending, peak_flops = pending or {}, ceilings(cfg, dev)[0]
-    log = open(os.path.join(cfg.out, "log.jsonl"), "a") if rank == 0 else None
-    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.method, disable=rank != 0)
-    records = []
-    for step in range(start, cfg.steps):
-        sync(dev)
-        t0 = time.perf_counter()
-        rec = dict(step=step + 1, sample_s=None, sample_flops=0, gen_tokens=0)
-        if step % window == 0:
-            pending, rec["gen_tokens"], rec["sample_flops"] = sample(
-                model, rows, cfg, mcfg, sp, range(step, min(step + window, cfg.steps)), dev)
+    log, records = os.path.join(cfg.out, "log.jsonl"), []
+    if rank == 0 and os.path.isfile(log):  # cut to `start` (atomic): a record starts with its step
+        with open(log, errors="replace") as f:
+            kept = [s for s in f if (m := re.match(r'{"step": (\d+),', s)) and int(m[1]) <= start]
+        write_atomic(log, "".join(kept))
+    with tqdm(total=cfg.steps, initial=start, desc=cfg.method, disable=rank != 0) as bar:
+        for step in range(start, cfg.steps):
             sync(dev)
-            rec["sample_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        chunks = [(pending.pop((step, j)), mb)
-                  for j, (_, mb) in enumerate(micro_batches(rows, cfg, step))]
-        rec["loss"], rec["d"] = train_step(model, opt, step, chunks, cfg, sp, dev)
-        sync(dev)
-        rec.update(update_s=time.perf_counter() - t1,
-                   update_tokens=sum(ro.seq.numel() for ro, _ in chunks),
-                   update_flops=sum(update_flops(mcfg, cfg, ro) for ro, _ in chunks))
-        records.append(rec)
-        if rank == 0:
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            progress(bar, rec, time.perf_counter() - t0, peak_flops)
-        if save and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
-            save(step + 1, pending)
-    bar.close()
-    if log:
-        log.close()
+            t0 = time.perf_counter()
+            rec = dict(step=step + 1, sample_s=None, sample_flops=0, gen_tokens=0)
+            if step % window == 0 or (step, 0) not in pending:
+                end = min(step // window * window + window, cfg.steps)
+                pending, rec["gen_tokens"], rec["sample_flops"] = sample(
+                    model, rows, cfg, mcfg, sp, range(step, end), dev)
+                sync(dev)
+                rec["sample_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            chunks = [(pending.pop((step, j)), mb)
+                      for j, (_, mb) in enumerate(micro_batches(rows, cfg, step))]
+            rec["loss"], rec["d"] = train_step(model, opt, step, chunks, cfg, sp, dev)
+            sync(dev)
+            rec.update(update_s=time.perf_counter() - t1,
+                       update_tokens=sum(ro.seq.numel() for ro, _ in chunks),
+                       update_flops=sum(update_flops(mcfg, cfg, ro) for ro, _ in chunks))
+            records.append(rec)
+            if rank == 0:
+                with open(log, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                progress(bar, rec, time.perf_counter() - t0, peak_flops)
+            if save and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
+                save(step + 1, pending)
     return records
 
 
@@ -634,13 +662,15 @@ def report(results, cfg, name, step):
 # run killed while saving resumes from the previous one. Weights are exported in float32 by
 # default: at the paper's small learning rates most updates are below bf16's resolution.
 
+# torch >= 2.9 keeps the optimizer's state as safetensors placing shards in JSON headers: no pickle,
+# so resuming a crafted run directory runs no code (older torch: DCP's .metadata is a pickle)
+SAFE_DCP = tuple(map(int, re.findall(r"\d+", torch.__version__)[:2])) >= (2, 9)
 ASSET_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                "generation_config.json", "configuration_llada.py", "modeling_llada.py"]
 
 
 def write_atomic(path, text):
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
+    Path(path + ".tmp").write_text(text)
     os.replace(path + ".tmp", path)
 
 
@@ -648,12 +678,7 @@ def read_assets(src, tok_path):
     """The tokenizer and LLaDA's code files (so that LLaDA's own code loads an export), read
     once: their directory may be an old checkpoint, pruned later."""
     paths = {f: os.path.join(src or "", f) for f in ASSET_FILES} | {"tokenizer.json": tok_path}
-    out = {}
-    for name, p in paths.items():
-        if os.path.isfile(p):
-            with open(p, "rb") as f:
-                out[name] = f.read()
-    return out
+    return {name: Path(p).read_bytes() for name, p in paths.items() if os.path.isfile(p)}
 
 
 def save_rollouts(path, pending):
@@ -668,16 +693,20 @@ def save_rollouts(path, pending):
 
 
 def load_rollouts(path, dev):
-    with safe_open(path, framework="pt", device=str(dev)) as f:
-        meta, parts = f.metadata(), {}
-        for key in f.keys():
-            s, j, name = key.split(".", 2)
-            parts.setdefault((int(s), int(j)), {})[name] = f.get_tensor(key)
-    return {k: copsd.Rollout(**{"attn": None, **v}, P=int(meta[f"{k[0]}.{k[1]}"]))
-            for k, v in parts.items()}
+    try:
+        with safe_open(path, framework="pt", device=str(dev)) as f:
+            meta, parts = f.metadata(), {}
+            for key in f.keys():
+                s, j, name = key.split(".", 2)
+                parts.setdefault((int(s), int(j)), {})[name] = f.get_tensor(key)
+        return {k: copsd.Rollout(**{"attn": None, **v}, P=int(meta[f"{k[0]}.{k[1]}"]))
+                for k, v in parts.items()}
+    except Exception as e:  # safetensors raises its own types
+        raise M.CheckpointError(f"{path}: not this script's rollouts ({e})") from None
 
 
 def save_checkpoint(model, opt, mcfg, cfg, step, pending, assets):
+    agreed(copsd.check_finite, step, weights=[p.to_local() for p in model.parameters()])
     rank, name = dist.get_rank(), f"step-{step:06d}"
     d = os.path.join(cfg.out, name)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -687,13 +716,15 @@ def save_checkpoint(model, opt, mcfg, cfg, step, pending, assets):
         M.save_pretrained(os.path.join(d, "hf"), mcfg, full, int(cfg.max_shard_gb * 2 ** 30),
                           getattr(torch, cfg.save_dtype))
         for fname, data in assets.items():
-            with open(os.path.join(d, "hf", fname), "wb") as f:
-                f.write(data)
+            Path(d, "hf", fname).write_bytes(data)
         meta = dict(step=step, seed=cfg.seed, world_size=dist.get_world_size(), config=asdict(cfg))
         write_atomic(os.path.join(d, "meta.json"), json.dumps(meta, indent=2))
     del full
     dist.barrier()
-    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=os.path.join(d, "dcp"))
+    p = os.path.join(d, "dcp")  # the optimizer's state (its groups: the flags')
+    dcp.save({"state": get_optimizer_state_dict(model, opt)["state"]}, storage_writer=(
+        dcp.HuggingFaceStorageWriter(p, save_distributed=True) if SAFE_DCP
+        else dcp.FileSystemWriter(p)))
     if pending:
         save_rollouts(os.path.join(d, f"rollout-rank{rank}.safetensors"), pending)
     dist.barrier()
@@ -704,35 +735,56 @@ def save_checkpoint(model, opt, mcfg, cfg, step, pending, assets):
             shutil.rmtree(os.path.join(cfg.out, e), ignore_errors=True)
 
 
+def latest_step(d):
+    """d/latest's step-NNNNNN directory of d; nothing else (../other-run/... is another run)."""
+    path = os.path.join(d, "latest")
+    name = Path(path).read_text(errors="replace").strip()
+    if not (re.fullmatch(r"step-\d{6,}", name) and os.path.isdir(os.path.join(d, name))):
+        raise M.CheckpointError(f"{path}: names {name[:50]!r}, not a step-NNNNNN directory in {d}")
+    return os.path.join(d, name)
+
+
 def latest_checkpoint(cfg):
-    path = os.path.join(cfg.out, "latest")
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: --resume: {path} does not exist (no checkpoint in {cfg.out})")
-    with open(path) as f:
-        d = os.path.join(cfg.out, f.read().strip())
-    with open(os.path.join(d, "meta.json")) as f:
-        meta = json.load(f)
-    for k in ["seed", "method", "K", "prompts_per_step", "micro_batch", "resample_every", "task",
-              "data"]:
-        if meta["config"][k] != getattr(cfg, k):
+    """--out's latest checkpoint and its meta.json, if its flags are this run's."""
+    if not os.path.isfile(os.path.join(cfg.out, "latest")):
+        raise SystemExit(f"error: --resume: {cfg.out}/latest does not exist (no checkpoint there)")
+    d = latest_step(cfg.out)
+    try:
+        meta = json.loads(Path(d, "meta.json").read_bytes())
+        saved = {k: meta["config"][k] for k in ["seed", "method", "K", "prompts_per_step",
+                                                "micro_batch", "resample_every", "task", "data"]}
+        meta.update(step=int(meta["step"]), world_size=int(meta["world_size"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise M.CheckpointError(f"{d}/meta.json: not this script's ({e!r})") from None
+    for k, value in saved.items():
+        if value != getattr(cfg, k):
             raise SystemExit(f"error: --resume: --{k} {getattr(cfg, k)} differs from the "
-                             f"checkpoint's {meta['config'][k]}")
+                             f"checkpoint's {value}")
+    if meta["step"] > cfg.steps:
+        raise SystemExit(f"error: --resume: {d} is past --steps {cfg.steps}")
     return d, meta
 
 
 def resume_state(d, meta, model, opt, dev):
     """Optimizer state from DCP and this rank's saved rollouts (the weights came with
-    build_model)."""
-    state = {"optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=os.path.join(d, "dcp"))
-    set_optimizer_state_dict(model, opt, state["optim"])
+    build_model); a file that does not read is a one-line error naming it."""
+    state = get_optimizer_state_dict(model, opt)  # the flags' groups, the state to load into
+    try:
+        p = os.path.join(d, "dcp")
+        dcp.load({"state": state["state"]}, storage_reader=(
+            dcp.HuggingFaceStorageReader(p) if SAFE_DCP else dcp.FileSystemReader(p)))
+    except (dcp.CheckpointException, Exception) as e:  # the first rank's error, in one line
+        e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
+        raise M.CheckpointError(f"{d}/dcp: not this script's optimizer state "
+                                f"({type(e).__name__}: {e})".splitlines()[0]) from None
+    set_optimizer_state_dict(model, opt, state)
     path = os.path.join(d, f"rollout-rank{dist.get_rank()}.safetensors")
     if not os.path.isfile(path):
         return meta["step"], {}
     if meta["world_size"] != dist.get_world_size():
         raise SystemExit(f"error: --resume: {d} was saved mid-rollout by {meta['world_size']} "
                          "ranks; resume with as many")
-    return meta["step"], load_rollouts(path, dev)
+    return meta["step"], agreed(load_rollouts, path, dev)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -779,23 +831,34 @@ def run(cfg, dev, mesh):
                os.path.join(cfg.out, f"step-{cfg.steps:06d}"), cfg.steps)
 
 
+def agreed(fn, *args, **kw):
+    """fn(*args, **kw) on every rank, its one-line error (CheckpointError, FloatingPointError)
+    raised on all if any raised it: one rank stopping alone would leave the others waiting."""
+    try:
+        out, err = fn(*args, **kw), None
+    except (M.CheckpointError, FloatingPointError) as e:
+        out, err = None, e
+    errs = [None] * dist.get_world_size()
+    dist.all_gather_object(errs, err)
+    for e in filter(None, errs):
+        raise e
+    return out
+
+
 def launch(cfg, run):
-    """run(cfg, dev, mesh) in the process group; bad input ends in a one-line error and a
-    non-zero exit status."""
+    """run(cfg, dev, mesh) in the process group; bad input or a non-finite value ends in a
+    one-line error and exit status 2."""
     try:
         dev, mesh = init_distributed(cfg)
         try:
             run(cfg, dev, mesh)
         finally:
             dist.destroy_process_group()
-    except M.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (M.CheckpointError, FloatingPointError, SystemExit) as e:
+        if isinstance(e, SystemExit) and not isinstance(e.code, str):
+            raise  # argparse's --help and its own errors
+        print(e.code if isinstance(e, SystemExit) else f"error: {e}", file=sys.stderr)
         return 2
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            return 1
-        raise
     return 0
 
 

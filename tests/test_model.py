@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -118,6 +119,14 @@ def test_config_validation():
         tiny_config(n_heads=4, n_kv_heads=3)
     with pytest.raises(ValueError):
         tiny_config(embedding_size=VOCAB - 1)
+    # a config.json with a string where a number belongs, a negative size, or not an object
+    for bad in [dict(d_model="32"), dict(n_layers=-1), dict(mlp_hidden_size=0),
+                dict(causal="yes"), dict(n_kv_heads=None), dict(rope_theta=-1.0)]:
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}="):
+            tiny_config(**bad)
+    assert tiny_config(rope_theta=10000).rope_theta == 10000  # JSON may write a float as an int
+    with pytest.raises(ValueError, match="not a list"):
+        M.ModelConfig.from_dict([1, 2])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,3 +421,34 @@ def test_kv_cache_shapes_and_exact_window_recompute(n_kv_heads):
                 assert not torch.equal(k[:, :, 9], k0[:, :, 9])
     with pytest.raises(ValueError):
         m(idx[:, 8:], cache={}, pos=8)  # a cache is filled by a full forward
+
+
+def test_error_garbage_index(sharded):
+    path, _ = sharded
+    for text in ["{not json", "[1, 2]", '{"weight_map": 3}', "\udcff"]:
+        with open(os.path.join(path, M.INDEX), "w", errors="surrogateescape") as f:
+            f.write(text)
+        assert M.INDEX in load_error(path)
+
+
+def test_error_shard_outside_the_directory(sharded, tmp_path):
+    """An index names files of its own directory only: ../ or an absolute path would read another
+    checkpoint's (or any) file."""
+    path, shards = sharded
+    index_path = os.path.join(path, M.INDEX)
+    index = json.load(open(index_path))
+    shutil.copytree(path, str(tmp_path / "other"))
+    for outside in [f"../other/{shards[0]}", str(tmp_path / "other" / shards[0])]:
+        name = next(k for k, v in index["weight_map"].items() if v == shards[0])
+        json.dump({**index, "weight_map": {**index["weight_map"], name: outside}},
+                  open(index_path, "w"))
+        msg = load_error(path)
+        assert outside in msg and "not the name of a .safetensors file" in msg
+
+
+def test_error_non_finite_tensor(saved):
+    """A NaN in a checkpoint is refused on load (it would train on silently and score 0)."""
+    name = "model.transformer.blocks.0.q_proj.weight"
+    rewrite_tensors(saved, lambda t: t[name].__setitem__((3, 4), float("nan")))
+    msg = load_error(saved)
+    assert name in msg and "NaN" in msg

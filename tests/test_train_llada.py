@@ -180,6 +180,94 @@ def test_resume_after_kill_is_bit_exact(one_process, tiny_dir, tmp_path):
     run(FLAGS + ["--model_dir", tiny_dir, "--out", out, "--resume", "--skip_eval"])
     a, b = weights(os.path.join(latest(out1), "hf")), weights(os.path.join(latest(out), "hf"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the log as the weights: the killed run's step 3 was logged, then done again after step 2
+    assert log_steps(out) == [1, 2, 3, 4]
+
+
+def log_steps(out):
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_resume_extends_a_finished_run(one_process, tiny_dir, tmp_path):
+    """--resume --steps N+k continues a finished run. Its last window (--resample_every 3) was cut
+    at --steps: 3 steps end on a window's boundary, so 3 -> 4 is the 4-step run exactly; 4 -> 5
+    draws step 5's rollouts with the resumed weights (the 5-step run drew them at step 4)."""
+    out1, _ = one_process
+    out = str(tmp_path / "three")
+    args = FLAGS + ["--model_dir", tiny_dir, "--out", out, "--skip_eval"]
+    assert T.main(args + ["--steps", "3"]) == 0
+    assert T.main(args + ["--resume"]) == 0
+    a, b = weights(os.path.join(latest(out1), "hf")), weights(os.path.join(latest(out), "hf"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert log_steps(out) == [1, 2, 3, 4]
+    assert T.main(args + ["--resume", "--steps", "5"]) == 0  # was KeyError: (4, 0)
+    assert log_steps(out) == [1, 2, 3, 4, 5] and latest(out).endswith("step-000005")
+    assert T.main(args + ["--resume", "--steps", "4"]) == 2  # a checkpoint past --steps
+
+
+@pytest.mark.parametrize("case", ["loss", "weights", "lr"])
+def test_non_finite_training_stops_before_saving(tiny_dir, tmp_path, capsys, monkeypatch, case):
+    """A NaN loss (injected at step 3), a NaN weight (injected in step 2's update) or a gradient
+    made infinite by --lr 1e6 stop the run with one line naming the step, before anything
+    non-finite is saved."""
+    calls, step = [], torch.optim.AdamW.step
+
+    def nan_loss(model, ro, mask_id, generator=None, **kw):
+        loss, stats = copsd.mdm_loss(model, ro, mask_id, generator=generator, **kw)
+        calls.append(1)
+        return loss * (float("nan") if len(calls) == 3 else 1.0), stats
+
+    def nan_weight(self, *a, **k):
+        out = step(self, *a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].to_local().view(-1)[0] = float("nan")
+        return out
+    if case == "loss":
+        monkeypatch.setitem(copsd.METHODS, "self", replace(copsd.METHODS["self"], loss=nan_loss))
+    if case == "weights":
+        monkeypatch.setattr(torch.optim.AdamW, "step", nan_weight)
+    extra, message = {"loss": (["--method", "self", "--micro_batch", "4"],
+                               "error: step 3: non-finite loss and gradient_norm; stopped"),
+                      "weights": ([], "error: step 2: non-finite weights; stopped"),
+                      "lr": (["--lr", "1e6"], "error: step 2: non-finite gradient_norm")}[case]
+    out = str(tmp_path / "out")
+    code = T.main(FLAGS + ["--model_dir", tiny_dir, "--out", out, "--skip_eval"] + extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(message), err[-1]
+    saved = [e for e in os.listdir(out) if e.startswith("step-")]
+    assert saved == (["step-000002"] if case == "loss" else [])
+    for d in saved:
+        assert all(torch.isfinite(t).all() for t in weights(os.path.join(out, d, "hf")).values())
+
+
+WTE = "model.transformer.wte.weight"
+
+
+def nan_copy(tiny_dir, tmp_path):
+    """tiny_dir with one NaN in the embedding's last row: only rank 1's of 2 reads it."""
+    d = str(tmp_path / "nan")
+    shutil.copytree(tiny_dir, d)
+    shard = os.path.join(d, json.load(open(os.path.join(d, M.INDEX)))["weight_map"][WTE])
+    t = load_file(shard)
+    t[WTE][-1, 0] = float("nan")
+    save_file(t, shard)
+    return d
+
+
+def test_non_finite_checkpoint_is_refused(tiny_dir, tmp_path, capsys):
+    """A checkpoint holding a NaN neither trains nor scores (it used to save and report 0%); with
+    2 processes the NaN sits in rank 1's rows only, and both ranks stop (none waits forever)."""
+    d = nan_copy(tiny_dir, tmp_path)
+    for extra in [["--eval_only"], ["--skip_eval"]]:
+        out = str(tmp_path / "out")
+        assert T.main(FLAGS + ["--model_dir", d, "--out", out] + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and WTE in err[0] and "NaN" in err[0], err
+        assert not os.path.exists(out) or not os.listdir(out)
+    p = run(FLAGS + ["--model_dir", d, "--out", out, "--skip_eval"], nproc=2, check=False)
+    assert p.returncode != 0 and p.stderr.count(f"{WTE} holds NaN or inf") == 2, p.stderr[-2000:]
 
 
 @pytest.mark.parametrize("method", ["self", "sft", "selfusion", "dopsd"])
@@ -456,3 +544,105 @@ def test_d1_answer_parsing_and_score():
     blanks = [i for i in range(16) if puzzle[i] == 0]
     expect = sum((dropped + "0")[i] == sol[i] for i in blanks) / len(blanks)
     assert acc(f"<answer>\n{dropped}\n</answer>") == pytest.approx(expect) and expect < 1
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: exit status 2 and one line naming the problem, never a traceback
+
+def bad_files(tmp_path, tiny_dir):
+    """Config and JSONL files that are wrong in one way each, in tmp_path."""
+    cfg = json.load(open(os.path.join(tiny_dir, "config.json")))
+    files = {"string.json": json.dumps({**cfg, "d_model": "32"}), "list.json": "[1, 2]",
+             "negative.json": json.dumps({**cfg, "n_layers": -2}),
+             "latin1.jsonl": '{"prompt": "caf\xe9", "answer": "1"}\n'.encode("latin-1"),
+             "null.jsonl": '{"prompt": "1 + 1?", "answer": "2"}\n{"prompt": null}\n',
+             "no_answer.jsonl": '{"prompt": "1 + 1?", "answer": "2"}\n{"prompt": "2 + 2?"}\n'}
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+BAD_VALUES = [
+    (["--K", "0"], "--K 0"), (["--train_tokens_per_step", "0"], "--train_tokens_per_step 0"),
+    (["--eval_tokens_per_step", "0"], "tokens per step 0"),
+    (["--prompts_per_step", "0"], "--prompts_per_step 0"),
+    (["--micro_batch", "0"], "--micro_batch 0"),
+    (["--eval_threshold", "2"], "--eval_threshold 2"), (["--lr", "-1"], "--lr -1"),
+    (["--block_length", "0"], "--block_length 0"), (["--gen_length", "0"], "--gen_length 0"),
+    (["--save_every", "0"], "--save_every 0"), (["--seed", "-1"], "--seed -1"),
+    (["--steps", "0"], "--steps 0"), (["--steps", "-1"], "--steps -1"),
+    (["--eval_batch", "0"], "--eval_batch 0"), (["--cache_refresh", "-1"], "--cache_refresh -1"),
+    (["--random_init", "--config", "{tmp}/string.json"], "d_model='32'"),
+    (["--random_init", "--config", "{tmp}/list.json"], "not a list"),
+    (["--random_init", "--config", "{tmp}/negative.json"], "n_layers=-2"),
+    (["--task", "gsm8k", "--data", "{tmp}/latin1.jsonl"], "latin1.jsonl:1"),
+    (["--task", "gsm8k", "--data", "{tmp}/null.jsonl"], "null.jsonl:2"),
+    (["--task", "gsm8k", "--data", "{tmp}/no_answer.jsonl", "--eval_only"], "1 of 2 rows"),
+    (["--model_dir", "{tmp}/nowhere"], "nowhere"),
+]
+
+
+@pytest.mark.parametrize("args, expect", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_bad_values_exit_2_with_one_line(tiny_dir, tmp_path, capsys, args, expect):
+    bad_files(tmp_path, tiny_dir)
+    args = [a.format(tmp=tmp_path) for a in args]
+    code = T.main(FLAGS + ["--model_dir", tiny_dir, "--out", str(tmp_path / "out")] + args)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert expect in err[0] and "Traceback" not in err[0], err
+
+
+def corrupt(out, what):
+    """Make one file of a finished run directory (checkpoints at steps 2 and 4) wrong; returns
+    what the error must name."""
+    index = os.path.join("step-000004", "hf", M.INDEX)
+
+    def write(name, data):
+        with open(os.path.join(out, name), "wb") as f:
+            f.write(data)
+
+    def cut(name):
+        with open(os.path.join(out, name), "r+b") as f:
+            f.truncate(os.path.getsize(os.path.join(out, name)) // 2)
+    if what.startswith("latest"):
+        write("latest", {"latest ..": b"../other/step-000004", "latest garbage": b"\xff\x00step",
+                         "latest absolute": os.path.join(out, "step-000004").encode()}[what])
+        return "latest"
+    if what.startswith("meta.json"):
+        write("step-000004/meta.json", b'{"step": 4, ' if what == "meta.json garbage" else b"[4]")
+        return "meta.json"
+    if what == "index garbage":
+        write(index, b"\x00\x01")
+        return M.INDEX
+    if what == "index outside":  # the shards of another checkpoint (they would load)
+        shards = json.load(open(os.path.join(out, index)))["weight_map"]
+        write(index, json.dumps({"weight_map": {k: f"../../step-000002/hf/{v}"
+                                                for k, v in shards.items()}}).encode())
+        return "../../step-000002/hf/"
+    if what == "dcp truncated":
+        cut(os.path.join("step-000004", "dcp", sorted(os.listdir(f"{out}/step-000004/dcp"))[0]))
+        return "dcp"
+    write("latest", b"step-000002")  # its rollouts: saved mid-window
+    cut("step-000002/rollout-rank0.safetensors")
+    return "rollout-rank0.safetensors"
+
+
+CORRUPTIONS = ["latest ..", "latest absolute", "latest garbage", "meta.json garbage",
+               "meta.json list", "index garbage", "index outside", "dcp truncated",
+               "rollouts truncated"]
+
+
+@pytest.mark.parametrize("what", CORRUPTIONS)
+def test_corrupt_run_directory(one_process, tiny_dir, tmp_path, capsys, what):
+    """A resume (or an evaluation of the run directory) whose files do not read, or whose
+    `latest` points outside --out: one line naming the file, exit status 2."""
+    out = str(tmp_path / "run")
+    shutil.copytree(one_process[0], out)
+    name = corrupt(out, what)
+    for extra in [["--resume", "--skip_eval"], ["--eval_only", "--model_dir", out]]:
+        code = T.main(FLAGS + ["--model_dir", tiny_dir, "--out", out] + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        if extra[0] == "--eval_only" and ("dcp" in what or "rollouts" in what or "meta" in what):
+            assert code == 0  # evaluation reads the export only
+            continue
+        assert code == 2 and err[-1].startswith("error: ") and name in err[-1], err
+        assert not any("Traceback" in line for line in err), err
