@@ -41,3 +41,10 @@ def tiny_model(seed=0, std=None, **kw):
 @pytest.fixture
 def model():
     return tiny_model()
+
+
+def stderr_lines(text):
+    """Captured stderr as the lines a terminal shows: tqdm's redraws (carriage returns, cursor-up
+    after a nested bar closes) end a line, so a message printed after them is its own line."""
+    lines = text.replace("\x1b[A", "\n").splitlines()
+    return [line.strip() for line in lines if line.strip()]

@@ -24,6 +24,7 @@ import copsd  # noqa: E402
 import model as M  # noqa: E402
 import sudoku  # noqa: E402
 import train_llada as T  # noqa: E402
+from conftest import stderr_lines  # noqa: E402
 from experiments import bench_llada  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>",
@@ -234,7 +235,7 @@ def test_non_finite_training_stops_before_saving(tiny_dir, tmp_path, capsys, mon
                       "lr": (["--lr", "1e6"], "error: step 2: non-finite gradient_norm")}[case]
     out = str(tmp_path / "out")
     code = T.main(FLAGS + ["--model_dir", tiny_dir, "--out", out, "--skip_eval"] + extra)
-    err = capsys.readouterr().err.strip().splitlines()
+    err = stderr_lines(capsys.readouterr().err)
     assert code == 2 and err[-1].startswith(message), err[-1]
     saved = [e for e in os.listdir(out) if e.startswith("step-")]
     assert saved == (["step-000002"] if case == "loss" else [])
@@ -263,7 +264,7 @@ def test_non_finite_checkpoint_is_refused(tiny_dir, tmp_path, capsys):
     for extra in [["--eval_only"], ["--skip_eval"]]:
         out = str(tmp_path / "out")
         assert T.main(FLAGS + ["--model_dir", d, "--out", out] + extra) == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        err = stderr_lines(capsys.readouterr().err)
         assert len(err) == 1 and WTE in err[0] and "NaN" in err[0], err
         assert not os.path.exists(out) or not os.listdir(out)
     p = run(FLAGS + ["--model_dir", d, "--out", out, "--skip_eval"], nproc=2, check=False)
@@ -294,7 +295,7 @@ def bad_copy(tiny_dir, tmp_path):
 
 def error_of(capsys, *args):
     code = T.main(["--device", "cpu", "--eval_only", "--n_eval", "2", *args])
-    err = capsys.readouterr().err.strip().splitlines()
+    err = stderr_lines(capsys.readouterr().err)
     assert code != 0 and err and err[-1].startswith("error:"), err
     return err[-1]
 
@@ -586,7 +587,7 @@ def test_bad_values_exit_2_with_one_line(tiny_dir, tmp_path, capsys, args, expec
     bad_files(tmp_path, tiny_dir)
     args = [a.format(tmp=tmp_path) for a in args]
     code = T.main(FLAGS + ["--model_dir", tiny_dir, "--out", str(tmp_path / "out")] + args)
-    err = capsys.readouterr().err.splitlines()
+    err = stderr_lines(capsys.readouterr().err)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert expect in err[0] and "Traceback" not in err[0], err
 
@@ -640,7 +641,7 @@ def test_corrupt_run_directory(one_process, tiny_dir, tmp_path, capsys, what):
     name = corrupt(out, what)
     for extra in [["--resume", "--skip_eval"], ["--eval_only", "--model_dir", out]]:
         code = T.main(FLAGS + ["--model_dir", tiny_dir, "--out", out] + extra)
-        err = capsys.readouterr().err.strip().splitlines()
+        err = stderr_lines(capsys.readouterr().err)
         if extra[0] == "--eval_only" and ("dcp" in what or "rollouts" in what or "meta" in what):
             assert code == 0  # evaluation reads the export only
             continue
