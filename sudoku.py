@@ -25,10 +25,12 @@ import itertools
 import json
 import multiprocessing
 import os
+import sys
 import time
+import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,7 +40,8 @@ from tqdm import tqdm
 
 import copsd
 from copsd import flag
-from model import LLaDA, ModelConfig, from_pretrained, read_config, save_pretrained
+from model import (CheckpointError, LLaDA, ModelConfig, from_pretrained, read_config,
+                   save_pretrained)
 
 PROGRESS = dict(leave=False)  # this process's progress bars: a seed's line, or off (workers)
 
@@ -52,18 +55,19 @@ def bar(iterable=None, **kw):
 
 
 def units(grid):
-    """The 12 units of a 4x4 grid (16,): its 4 rows, 4 columns and 4 boxes, (12, 4)."""
-    a = np.asarray(grid).reshape(4, 4)
-    boxes = rearrange(a, "(R r) (C c) -> (R C) (r c)", r=2, c=2)
-    return np.concatenate([a, a.T, boxes])
+    """The 12 units of 4x4 grids (..., 16): their 4 rows, 4 columns and 4 boxes, (..., 12, 4)."""
+    a = rearrange(np.asarray(grid), "... (r c) -> ... r c", r=4)
+    boxes = rearrange(a, "... (R r) (C c) -> ... (R C) (r c)", r=2, c=2)
+    return np.concatenate([a, np.swapaxes(a, -1, -2), boxes], -2)
 
 
 @functools.cache
 def grids():
-    """Every valid 4x4 Sudoku grid (there are 288), (288, 16) digits 1-4; built on first use."""
-    rows = itertools.permutations(range(1, 5))
-    candidates = (np.array(g).reshape(16) for g in itertools.product(list(rows), repeat=4))
-    return np.array([g for g in candidates if all(len(set(u)) == 4 for u in units(g))])
+    """Every valid 4x4 Sudoku grid (there are 288), (288, 16) digits 1-4; built on first use:
+    of the 24^4 stacks of 4 permuted rows, those whose every unit holds 1-4 once."""
+    rows = np.array(list(itertools.permutations(range(1, 5))))
+    candidates = rows[np.indices((len(rows),) * 4).reshape(4, -1).T].reshape(-1, 16)
+    return candidates[(np.sort(units(candidates), -1) == np.arange(1, 5)).all((-1, -2))]
 
 
 def solutions(puzzle):
@@ -85,6 +89,9 @@ def make_puzzle(grid, rng, most=1):
         if len(solutions(p)) > most:
             p[c] = v
     return p
+
+
+SPLITS = ("pretrain", "distill", "val", "test")
 
 
 def make_splits(seed, n_pretrain, n_distill, n_test, n_val=256, most=1, blanks=None):
@@ -116,7 +123,7 @@ def make_splits(seed, n_pretrain, n_distill, n_test, n_val=256, most=1, blanks=N
                      for p in puzzles])
     cut = np.cumsum([0, n_pretrain, n_distill, n_val, n_test])
     return {name: (puzzles[a:b], sols[a:b]) for name, a, b in
-            zip(["pretrain", "distill", "val", "test"], cut[:-1], cut[1:])}
+            zip(SPLITS, cut[:-1], cut[1:])}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +148,8 @@ def parse_puzzle(text):
     """A user's puzzle: 16 digits 0-4 (0 = blank), row by row. One-line errors for bad input."""
     s = "".join(text.split()).replace(".", "0")
     if len(s) != 16 or any(ch not in "01234" for ch in s):
-        raise SystemExit(f"--solve: expected 16 digits 0-4 (0 = blank), row by row; got {text!r}")
+        raise SystemExit("--solve: expected 16 digits 0-4 (0 = blank), row by row; got "
+                         + (repr(text) if s else "an empty puzzle"))
     p = np.array([int(ch) for ch in s])
     for i, u in enumerate(units(p)):
         given = list(u[u > 0])
@@ -303,11 +311,23 @@ def read_json(path):
         return json.load(f)
 
 
-def cached(path, make):
-    """make()'s JSON result, kept at path: a rerun reads it."""
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_json(path, make())
+def warn(message):
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def cached(path, make, keys=()):
+    """make()'s JSON result, kept at path: a rerun reads it. One that does not parse (truncated,
+    garbage) or is not a dict with `keys` is made again, with a warning."""
+    if os.path.exists(path):
+        try:
+            kept = read_json(path)
+            if isinstance(kept, dict) and all(k in kept for k in keys):
+                return kept
+            warn(f"{path} is not a result with {', '.join(keys) or 'keys'}; recomputing it")
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            warn(f"{path} does not parse ({e}); recomputing it")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_json(path, make())
     return read_json(path)
 
 
@@ -317,8 +337,11 @@ def regime_data(cfg, seed):
     key = digest(seed, most, cfg.n_pretrain, cfg.n_distill, cfg.n_test)
     path = os.path.join(cfg.out, f"splits-{key}.npz")
     if os.path.exists(path):
-        z = np.load(path)
-        return {k: (z[k + "_p"], z[k + "_s"]) for k in ("pretrain", "distill", "val", "test")}
+        try:
+            with np.load(path) as z:
+                return {k: (z[k + "_p"], z[k + "_s"]) for k in SPLITS}
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # truncated
+            warn(f"{path} does not load ({e}); making the splits again")
     data = make_splits(seed, cfg.n_pretrain, cfg.n_distill, cfg.n_test, most=most)
     os.makedirs(cfg.out, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp.npz"
@@ -333,6 +356,17 @@ def regime_data(cfg, seed):
 PRETRAIN_FIELDS = ["regime", "most_solutions", "n_pretrain", "n_distill", "n_test", "d_model",
                    "n_layers", "n_heads", "mlp_hidden_size", "pretrain_lr", "pretrain_batch",
                    "base_target", "pretrain_max_steps", "eval_every", "early_t", "early_share"]
+
+
+def optimiser_step(model, opt, loss, step):
+    """Backward and AdamW's step, stopping (copsd.check_finite, naming `step`) at a non-finite
+    loss, gradient or weight: a diverged run never trains on, and is never saved."""
+    copsd.check_finite(step, loss=loss)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    copsd.check_finite(step, gradients=[p.grad for p in model.parameters() if p.grad is not None])
+    opt.step()
+    copsd.check_finite(step, weights=list(model.parameters()))
 
 
 def pretrain(cfg, seed, causal=False, budget=None):
@@ -371,9 +405,8 @@ def pretrain(cfg, seed, causal=False, budget=None):
                 t = eps + u * torch.where(low, cfg.early_t - eps, 1 - eps)
             loss, _ = copsd.mdm_loss(model, copsd.Rollout(batch, None, PROMPT_LEN), MASK_ID,
                                      generator=g, t=t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimiser_step(model, opt, loss,
+                       f"{step} of seed {seed}'s {'AR teacher' if causal else 'base'}")
         if step % cfg.eval_every == 0 and not causal:  # the AR teacher trains its fixed budget
             acc = evaluate(model, data["val"], columns([1]))["1"]["cell_acc"]
             if acc >= cfg.base_target:
@@ -473,9 +506,8 @@ def post_train(model, c, data, method, seed, teacher=None, start=0, after_step=N
         model.train()
         part = ro[(step % window) * rows:(step % window + 1) * rows]
         loss, stats = loss_fn(model, part, MASK_ID, generator=g, **options)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimiser_step(model, opt, loss,
+                       f"{step + 1} of seed {seed}'s {label(method, c.objective)}")
         history.append(dict(loss=loss.item(), **{k: round(v, 5) for k, v in stats.items()
                                                  if k in ("d", "kd", "div", "kl")}))
         if after_step:
@@ -544,7 +576,7 @@ def seed_rows(cfg, seed):
         path = os.path.join(cfg.out, "rows", f"{method}-{digest(seed, method, same)}")
         rows[label(method, cfg.objective)] = row = cached(path + ".json", lambda: (
             base_row(cfg, seed, pretrain(cfg, seed)) if method == "base" else
-            method_row(cfg, seed, method, path)))
+            method_row(cfg, seed, method, path)), ("test", "history"))
         say(seed, label(method, cfg.objective), row)
     return rows
 
@@ -568,12 +600,16 @@ def in_processes(tasks, processes, quiet=False):
     with ProcessPoolExecutor(min(processes, len(tasks)), spawn, worker,
                              (tqdm.get_lock(), quiet)) as pool:
         futures = {pool.submit(fn, *args): key for key, (fn, *args) in tasks.items()}
-        for future in as_completed(futures):
-            if isinstance(future.exception(), BrokenProcessPool):
-                left = [str(k) for f, k in futures.items() if not f.done() or f.exception()]
-                raise SystemExit("a worker process died (killed, or out of memory?) while "
-                                 f"running: {'; '.join(left)}")
-            yield futures[future], future.result()
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BrokenProcessPool:
+            left = [str(k) for f, k in futures.items() if not f.done() or f.exception()]
+            print(file=sys.stderr)  # below the dead worker's progress bar
+            raise SystemExit("a worker process died (killed, or out of memory?) while running: "
+                             + "; ".join(left[:4] + [f"{len(left) - 4} more"] * (len(left) > 4)))
+        finally:  # a task's error: the tasks not started yet are not run
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def print_premise(regime, base):
@@ -613,12 +649,43 @@ def run(cfg):
     return results
 
 
+def fail(message):
+    """Bad input: one line on stderr and exit status 2, as argparse's own errors."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check(cfg, methods=None, more=()):
+    """Bad flags, before any work: the first as one line, exit 2. copsd's shared checks for the
+    methods to run (default: --methods' stages), the toy's, then the caller's `more`."""
+    methods = {m for row in cfg.methods for m in row.split("+")} if methods is None else methods
+    problems = cfg.problems(methods) + [why for bad, why in [
+        (cfg.seeds < 1, f"--seeds {cfg.seeds}: need at least 1"),
+        (cfg.steps < 1, f"--steps {cfg.steps}: need >= 1 (untrained, a row is the base)"),
+        (not 0 < cfg.lr < float("inf"), f"--lr {cfg.lr}: need a finite value > 0"),
+        (cfg.prompts_per_step < 1, f"--prompts_per_step {cfg.prompts_per_step}: need >= 1"),
+        ("copsd" not in methods and not 0 <= cfg.s < cfg.t <= 1,
+         f"the premise's two views need 0 <= s < t <= 1, got --t {cfg.t} --s {cfg.s}"),
+        (cfg.device == "cuda" and not torch.cuda.is_available(),
+         "--device cuda: torch sees no CUDA GPU here"),
+        (cfg.ckpt and not os.path.isdir(cfg.ckpt), f"--ckpt {cfg.ckpt}: no such directory")]
+        if bad]
+    for what, make in (("the evaluation's sampler", cfg.columns),
+                       ("--train_tokens_per_step", lambda: SAMPLER.at(cfg.train_tokens_per_step))):
+        try:
+            make()
+        except ValueError as e:
+            problems.append(f"{what}: {e}")
+    if problems + list(more):
+        fail((problems + list(more))[0])
+
+
 def solve(cfg):
     puzzle = parse_puzzle(cfg.solve)
     path = cfg.ckpt
-    if not path:
-        bases = ([e for e in os.scandir(cfg.out) if e.name.startswith("base-")]
-                 if os.path.isdir(cfg.out) else [])
+    if not path:  # a base, never one half-written (save_pretrained's base-KEY.tmpPID)
+        bases = [e for e in (os.scandir(cfg.out) if os.path.isdir(cfg.out) else [])
+                 if e.name.startswith("base-") and "." not in e.name]
         if not bases:
             raise SystemExit(f"--solve: no trained model in {cfg.out}; run `python sudoku.py` "
                              "first or pass --ckpt")
@@ -633,11 +700,14 @@ def solve(cfg):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     cfg = copsd.parse_config(Config, argv, description=__doc__)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA GPU here")
+    check(cfg)
     torch.set_num_threads(1)  # one thread per run, serial or parallel: the same numbers
-    solve(cfg) if cfg.solve else run(cfg)
+    try:  # --solve "" too: it says the puzzle is empty
+        solve(cfg) if cfg.solve or "--solve" in [a.split("=")[0] for a in argv] else run(cfg)
+    except (FloatingPointError, CheckpointError) as e:  # diverged; a checkpoint that won't load
+        fail(e)
 
 
 if __name__ == "__main__":

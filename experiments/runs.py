@@ -12,7 +12,7 @@ from tqdm import tqdm
 import copsd
 import sudoku
 from model import from_pretrained, save_pretrained
-from sudoku import atomic_json, cached, digest, read_json, regime_data
+from sudoku import cached, digest, regime_data
 
 RUN_FIELDS = sudoku.PRETRAIN_FIELDS + [f.name for f in dataclasses.fields(copsd.MethodConfig)] + [
     "steps", "prompts_per_step", "lr", "opdlm_lr", "opdlm_steps", "curve_every"]
@@ -34,7 +34,8 @@ def test_scores(cfg, seed, run_dir, ckpt):
     the run by the decoding settings: a study merged from several machines needs no weights."""
     tag = "" if ckpt == "final" else f"{ckpt.split('-')[1]}-"
     return cached(os.path.join(run_dir, f"test-{tag}{decoding(cfg)}.json"),
-                  functools.partial(scores, cfg, seed, os.path.join(run_dir, ckpt)))
+                  functools.partial(scores, cfg, seed, os.path.join(run_dir, ckpt)),
+                  list(cfg.columns()))
 
 
 def evaluate_at(cfg, seed, run_dir, step):
@@ -59,15 +60,16 @@ def trained(cfg, seed, stages, keep=False):
     key = digest(seed, list(stages), keep, [getattr(cfg, f) for f in RUN_FIELDS],
                  device=cfg.device)
     d = os.path.join(cfg.out, "runs", f"{'+'.join(stages)}-{key}")
-    path = os.path.join(d, "result.json")
-    if not os.path.exists(path):
+
+    def train():
         curve = []
         after = functools.partial(curve_point, cfg, regime_data(cfg, seed)["val"], curve,
                                   d if keep else None)
         model, history = sudoku.train(cfg, seed, stages, after)
         save_pretrained(os.path.join(d, "final"), model.cfg, model.state_dict())
-        atomic_json(path, dict(history=history, curve=curve, dir=d))
-    return read_json(path)
+        return dict(history=history, curve=curve, dir=d)
+    # dir: where it is now (an --out copied or merged from another machine is read in place)
+    return dict(cached(os.path.join(d, "result.json"), train, ("history", "curve")), dir=d)
 
 
 def run_row(cfg, seed, stages, flags, keep=False):
@@ -91,7 +93,7 @@ def base_row(cfg, seed, causal=False):
     path = sudoku.ar_teacher(cfg, seed) if causal else sudoku.pretrain(cfg, seed)
     key = digest(decoding(cfg), cfg.t, cfg.s, cfg.premise_prompts, cfg.premise_K)
     return cached(os.path.join(path, f"eval-{key}.json"),
-                  functools.partial(base_scores, cfg, seed, path))
+                  functools.partial(base_scores, cfg, seed, path), ("test", "val", "premise"))
 
 
 def on_line(line, fn, *args):

@@ -30,6 +30,7 @@ import sudoku
 from copsd import flag, parse_config
 from experiments import figures
 from experiments.runs import base_row, evaluate_at, parallel, run_row
+from model import CheckpointError
 
 D = sudoku.Config  # the toy's defaults, which these flags expose
 
@@ -225,7 +226,7 @@ def load(path):
             saved = json.load(f)
         return saved["config"], saved["results"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--replot {path}: not a study or results JSON ({e})")
+        sudoku.fail(f"--replot {path}: not a study or results JSON ({e})")
 
 
 def replot(paths):
@@ -293,19 +294,44 @@ def study(cfg):
     return results
 
 
+POSITIVE = ["n_pretrain", "n_distill", "n_test", "d_model", "n_layers", "n_heads",
+            "mlp_hidden_size", "pretrain_batch", "pretrain_max_steps", "eval_every",
+            "premise_prompts", "premise_K", "opdlm_steps", "study_steps"]
+
+
+def check(cfg):
+    """sudoku.check over the stages of every row to run, with the notebook's own flags."""
+    specs = (MAIN | OTHER | sweep(cfg) if cfg.study else rows_of(cfg)).values()
+    rates = [cfg.pretrain_lr, cfg.opdlm_lr, *cfg.study_lrs]
+    sudoku.check(cfg, {m for stages, _ in specs for m in stages}, [why for bad, why in [
+        *((getattr(cfg, f) < 1, f"--{f} {getattr(cfg, f)}: need >= 1") for f in POSITIVE),
+        (cfg.d_model % (2 * max(cfg.n_heads, 1)), f"--d_model {cfg.d_model}: need a multiple "
+         f"of 2 x --n_heads {cfg.n_heads} (an even head size, for RoPE)"),
+        ("multi" in (cfg.study_regimes if cfg.study else [cfg.regime]) and cfg.most_solutions < 2,
+         f"--most_solutions {cfg.most_solutions}: the multi regime needs >= 2"),
+        (not all(0 < r < float("inf") for r in rates),
+         f"learning rates {rates} (--pretrain_lr, --opdlm_lr, --study_lrs): need finite, > 0"),
+        (not (0 < cfg.base_target <= 1 and 0 < cfg.early_t <= 1 and 0 <= cfg.early_share <= 1),
+         "need 0 < --base_target <= 1, 0 < --early_t <= 1 and 0 <= --early_share <= 1"),
+        ((cfg.study or cfg.s_sweep) and not all(0 <= s < cfg.t for s in cfg.sweep_s),
+         f"--sweep_s {','.join(map(str, cfg.sweep_s))}: each s/T in [0, --t {cfg.t})"),
+        (cfg.curve_every < 0, f"--curve_every {cfg.curve_every}: need >= 0 (0: off)"),
+        (cfg.workers < 0, f"--workers {cfg.workers}: need >= 0 (0: one per CPU core)"),
+        (cfg.results in ("", ".", "..") or os.path.basename(cfg.results) != cfg.results,
+         f"--results {cfg.results}: a file name (written inside --out), not a path")] if bad])
+
+
 def main(argv=None):
     cfg = parse_config(StudyConfig, argv, description=__doc__)
-    cfg = dataclasses.replace(cfg, workers=cfg.workers or os.cpu_count() or 1)
     if cfg.replot:
         return replot(cfg.replot)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA GPU here")
-    try:
-        cfg.columns()
-    except ValueError as e:
-        raise SystemExit(f"the evaluation's sampler: {e}")
+    check(cfg)
+    cfg = dataclasses.replace(cfg, workers=cfg.workers or os.cpu_count() or 1)
     torch.set_num_threads(1)  # one thread per run, serial or parallel: the same numbers
-    study(cfg) if cfg.study else table(cfg)
+    try:
+        study(cfg) if cfg.study else table(cfg)
+    except (FloatingPointError, CheckpointError) as e:  # diverged; a checkpoint that won't load
+        sudoku.fail(e)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """experiments/ (the lab notebook): its flags, the cached runs and their workers, decoding
 settings over cached runs, OPDLM with its AR teacher, the study end to end, its figures redrawn
-from its JSON."""
+from its JSON, faults (bad values, a killed worker, corrupt cache entries, divergence)."""
 
 import dataclasses
 import glob
@@ -18,8 +18,10 @@ import pytest
 import sudoku
 from conftest import ROOT
 from copsd import parse_config
+from experiments import runs as runs_
 from experiments import study
 from model import from_pretrained
+from test_sudoku import kill_a_worker
 
 ROWS = ["Base", "Base-Self", "COPSD"]
 FIELDS = dict(n_pretrain=200, n_distill=64, n_test=32, d_model=32, n_layers=1, n_heads=2,
@@ -126,15 +128,31 @@ def test_decoding_settings_reevaluate_the_cached_runs(smoke):
         assert res["COPSD"][0]["test"][column]["tpf"] >= 1
 
 
-@pytest.mark.parametrize("args,word", [(["--threshold", "1.5"], "threshold"),
-                                       (["--cache", "dual", "--refresh", "-1"], "refresh"),
-                                       (["--replot", "nowhere.json"], "nowhere.json")])
-def test_bad_settings_are_one_line(args, word, tmp_path):
+@pytest.mark.parametrize("args,word", [
+    (["--threshold", "1.5"], "threshold"), (["--threshold", "2"], "threshold"),
+    (["--cache", "dual", "--refresh", "-1"], "refresh"),
+    (["--replot", "nowhere.json"], "nowhere.json"),
+    (["--n_test", "0"], "--n_test 0: need >= 1"), (["--seeds", "0"], "--seeds 0"),
+    (["--K", "0"], "--K 0"), (["--steps", "0"], "--steps 0"), (["--lr", "-1"], "--lr -1.0"),
+    (["--prompts_per_step", "0"], "--prompts_per_step 0"), (["--tokens_per_step", "3"], "3 tok"),
+    (["--train_tokens_per_step", "0"], "--train_tokens_per_step 0"),
+    (["--ablations", "--K", "1"], "--K must be >= 2"),  # COPSD rows, asked for another way
+    (["--s_sweep", "--sweep_s", "0.9"], "--sweep_s 0.9"),
+    (["--study", "--study_lrs", "0"], "--study_lrs"), (["--d_model", "30"], "--d_model 30"),
+    (["--regime", "multi", "--most_solutions", "1"], "--most_solutions 1"),
+    (["--results", "../x.json"], "--results ../x.json: a file name"),
+    (["--results", "sub/x.json"], "--results sub/x.json: a file name"),
+    (["--results", "/tmp/x.json"], "--results /tmp/x.json: a file name")])
+def test_bad_settings_are_one_line(args, word, tmp_path, capsys):
+    out = tmp_path / "out"
+    t0 = time.time()
     with pytest.raises(SystemExit) as e:
-        study.main([*TINY, *args, "--out", str(tmp_path)])
-    msg = str(e.value.code)
-    assert "\n" not in msg and word in msg, msg
-    assert not os.listdir(tmp_path)  # stopped before any work
+        study.main([*TINY, *args, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert word in err and "Traceback" not in err, err
+    assert not os.path.exists(out) and not os.listdir(tmp_path)  # stopped before any work
+    assert time.time() - t0 < 5
 
 
 def digests(folder):
@@ -185,3 +203,76 @@ def test_study_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.load(open(os.path.join(tmp_path, "study.json")))["results"]
     assert list(again) == ["early"] and again["early"] == res["early"]
+
+
+def copied(smoke, dest, drop=()):
+    """A copy of the notebook's --out with the runs of the rows in `drop` removed; {row: run}."""
+    out, _ = smoke
+    res = json.load(open(os.path.join(out, "results.json")))["results"]
+    shutil.copytree(out, dest)
+    runs = {row: os.path.join(dest, "runs", os.path.basename(res[row][0]["dir"]))
+            for row in ROWS[1:]}
+    for row in drop:
+        shutil.rmtree(runs[row])
+    return str(dest), res, runs
+
+
+def test_a_killed_worker_ends_the_study_and_a_rerun_resumes(smoke, tmp_path):
+    """A real table whose worker is SIGKILLed while runs are left stops in seconds with one line;
+    a rerun keeps the runs finished before the kill and trains only the others."""
+    copy, res, _ = copied(smoke, tmp_path / "out")
+    before = set(glob.glob(os.path.join(copy, "runs", "*", "result.json")))
+
+    def ready():  # an ablation kept: of three on two workers, the last is yet to run
+        return set(glob.glob(os.path.join(copy, "runs", "*", "result.json"))) - before
+    args = [*TINY, "--ablations", "--workers", "2", "--out", copy]
+    rc, err, took = kill_a_worker([sys.executable, "-m", "experiments.study", *args], ready,
+                                  tmp_path / "stderr")
+    assert rc == 1 and took < 10 and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("a worker process died (killed, or out of memory?) while running: ("
+                           "'COPSD"), err[-2000:]
+    done = set(glob.glob(os.path.join(copy, "runs", "*", "result.json"))) - before
+    assert 1 <= len(done) <= 2
+    kept = {path: os.path.getmtime(path) for path in before | done}
+    study.main([*TINY, "--ablations", "--workers", "1", "--out", copy])  # rerun, in-process
+    assert all(os.path.getmtime(path) == t for path, t in kept.items())
+    again = json.load(open(os.path.join(copy, "results.json")))["results"]
+    assert list(again) == ROWS + list(study.ABLATIONS)
+    for row in ROWS:
+        assert again[row][0]["test"] == res[row][0]["test"], row
+
+
+def test_corrupt_cache_entries_are_made_again(smoke, tmp_path, capsys):
+    """A truncated base evaluation, a garbage test score, a run result of {} and a truncated
+    splits file: each recomputed with one warning, to the same numbers (the run retrained)."""
+    copy, res, runs = copied(smoke, tmp_path / "out")
+    (evaluation,) = glob.glob(os.path.join(copy, "base-*", "eval-*.json"))
+    cfg = parse_config(study.StudyConfig, TINY)  # the default columns' scores, seed 0's splits
+    test = os.path.join(runs["Base-Self"], f"test-{runs_.decoding(cfg)}.json")
+    key = sudoku.digest(0, 1, cfg.n_pretrain, cfg.n_distill, cfg.n_test)  # as regime_data's
+    splits = os.path.join(copy, f"splits-{key}.npz")
+    for path, data in {evaluation: open(evaluation, "rb").read()[:50], test: b"\xff\x00",
+                       os.path.join(runs["COPSD"], "result.json"): b"{}",
+                       splits: open(splits, "rb").read()[:1000]}.items():
+        with open(path, "wb") as f:
+            f.write(data)
+    study.main([*TINY, "--workers", "1", "--out", copy])
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: ")]
+    assert len(warnings) == 4 and all(l.endswith("again") or l.endswith("it") for l in warnings)
+    again = json.load(open(os.path.join(copy, "results.json")))["results"]
+    for row in ROWS:
+        assert again[row][0]["test"] == res[row][0]["test"], row
+        assert again[row][0]["history"] == res[row][0]["history"], row
+    assert again["Base"][0]["premise"] == res["Base"][0]["premise"]
+
+
+def test_divergence_is_one_line_and_saves_nothing(smoke, tmp_path, capsys):
+    """A run whose weights become non-finite (an infinite learning rate, past the check of
+    --lr) stops the table with one line naming the step; its run directory is never made."""
+    copy, _, runs = copied(smoke, tmp_path / "out", drop=["Base-Self", "COPSD"])
+    cfg = dataclasses.replace(parse_config(study.StudyConfig, [*TINY, "--out", copy]),
+                              lr=float("inf"), workers=1)
+    with pytest.raises(FloatingPointError, match="^step 1 of seed 0's Base-Self: non-finite"):
+        study.table(cfg)
+    assert not os.path.exists(runs["Base-Self"]) and not os.path.exists(runs["COPSD"])

@@ -1,9 +1,11 @@
 """sudoku.py: grids, puzzles, splits, the metric, the flags, input checking, the default run end
-to end (tiny), --solve."""
+to end (tiny), --solve, faults (a killed worker, divergence, corrupt files)."""
 
 import dataclasses
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -292,6 +294,139 @@ def test_a_dead_worker_is_a_one_line_error():
     assert "\n" not in msg and "died" in msg and "seed 0" in msg
 
 
+def pool_workers(pid):
+    """The pool workers process `pid` spawned (multiprocessing's spawn_main; not its tracker)."""
+    found = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f, open(f"/proc/{d}/cmdline", "rb") as c:
+                ppid, cmd = int(f.read().rsplit(")", 1)[1].split()[1]), c.read()
+        except OSError:  # gone meanwhile
+            continue
+        if ppid == pid and b"spawn_main" in cmd:
+            found.append(int(d))
+    return found
+
+
+def kill_a_worker(cmd, ready, log, timeout=240):
+    """Start `cmd`; once ready() and its pool has workers, SIGKILL one (as the OOM killer
+    would). Returns its exit status, its stderr, and the seconds from the kill to its exit."""
+    with open(log, "w") as err:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        end = time.time() + timeout
+        while not (ready() and pool_workers(p.pid)):
+            assert p.poll() is None and time.time() < end, "ended before a worker was killed"
+            time.sleep(0.02)
+        os.kill(pool_workers(p.pid)[0], signal.SIGKILL)
+        t0 = time.time()
+        rc = p.wait(timeout=120)
+        took = time.time() - t0
+    with open(log) as f:
+        return rc, f.read(), took
+
+
+def copy_without(out, dest, rows=()):
+    """A copy of a run's --out without its results.json and the given rows (JSON and weights)."""
+    shutil.copytree(out, dest)
+    os.remove(os.path.join(dest, "results.json"))
+    for row in rows:
+        path = os.path.join(dest, "rows", os.path.basename(row["ckpt"]))
+        shutil.rmtree(path)
+        os.remove(path + ".json")
+    return str(dest)
+
+
+def test_a_killed_worker_ends_the_run_and_a_rerun_resumes(smoke, tmp_path):
+    """A real run whose worker is SIGKILLed mid-run stops in seconds with one line naming what
+    was left; a rerun keeps the rows finished before the kill and gives the same numbers."""
+    out, _ = smoke
+    res = json.load(open(os.path.join(out, "results.json")))["results"]
+    self_1, copsd_1 = res["Base-Self"][1], res["COPSD"][1]  # seed 1's: run again, then killed
+    copy = copy_without(out, tmp_path / "out", [self_1, copsd_1])
+    row = os.path.join(copy, "rows", os.path.basename(self_1["ckpt"]) + ".json")
+    cmd = [sys.executable, "-c", "import torch, sudoku; torch.set_num_threads(1); "
+           f"sudoku.run(sudoku.Config(**{TINY!r}, seeds=2, out={copy!r}))"]
+    # once seed 1's Base-Self row is kept, its COPSD row is in flight
+    rc, err, took = kill_a_worker(cmd, lambda: os.path.exists(row), tmp_path / "stderr")
+    assert rc == 1 and took < 10 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("a worker process died (killed, or out of memory?) "
+                                            "while running: seed 1"), err[-2000:]
+    kept = os.path.getmtime(row)
+    again = sudoku.seed_rows(sudoku.Config(**TINY, seeds=2, out=copy), 1)  # the rerun's seed 1
+    assert os.path.getmtime(row) == kept  # resumed: only the COPSD row was made
+    for name in ROWS:
+        assert again[name]["test"] == res[name][1]["test"], name
+        assert again[name]["history"] == res[name][1]["history"], name
+
+
+@pytest.mark.parametrize("kept", [b'{"test": {"1": 0.2', b"\x00\xff\xfe", b"{}", b"[1, 2]",
+                                  b'{"history": []}'])
+def test_a_cache_entry_that_does_not_parse_is_made_again(kept, tmp_path, capsys):
+    """A truncated, garbage or foreign entry is recomputed with one warning, then kept."""
+    path, made = str(tmp_path / "row.json"), []
+    with open(path, "wb") as f:
+        f.write(kept)
+
+    def make():
+        made.append(1)
+        return dict(test={"1": 0.5}, history=[])
+    assert sudoku.cached(path, make, ("test", "history")) == make() and len(made) == 2
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"warning: {path} ") and warning.endswith("; recomputing it")
+    assert sudoku.cached(path, make, ("test", "history")) == make() and len(made) == 3  # kept
+
+
+def test_corrupt_rows_and_splits_are_made_again(smoke, tmp_path, capsys):
+    """In a run's --out: a truncated row, a row of {}, a garbage base row and a truncated splits
+    file are each recomputed with one warning, to the same numbers."""
+    out, _ = smoke
+    res = json.load(open(os.path.join(out, "results.json")))["results"]
+    copy = str(tmp_path / "out")
+    shutil.copytree(out, copy)
+    rows = os.path.join(copy, "rows")
+    (base_row,) = [n for n in os.listdir(rows) if n.startswith("base-") and
+                   json.load(open(os.path.join(rows, n)))["test"] == res["Base"][0]["test"]]
+    damage = {os.path.join(rows, base_row): b"\xff\xfe garbage",
+              res["Base-Self"][0]["ckpt"].replace(out, copy) + ".json": b"{}"}
+    for path in [res["COPSD"][0]["ckpt"].replace(out, copy) + ".json"] + [
+            os.path.join(copy, n) for n in os.listdir(copy) if n.startswith("splits-")]:
+        damage[path] = open(path, "rb").read()[:100]  # truncated
+    for path, data in damage.items():
+        with open(path, "wb") as f:
+            f.write(data)
+    again = sudoku.seed_rows(sudoku.Config(**TINY, seeds=2, out=copy), 0)
+    for name in ROWS:
+        assert again[name]["test"] == res[name][0]["test"], name
+        assert again[name]["history"] == res[name][0]["history"], name
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: ")]
+    assert len(warnings) == 4 and sum(".npz" in w for w in warnings) == 1, warnings
+
+
+def test_divergence_stops_before_anything_is_saved(smoke, tmp_path, capsys, monkeypatch):
+    """A non-finite loss, gradient or weight stops training with one line naming the step, and
+    nothing of it is saved: pretraining and post-training at an infinite learning rate (the
+    weights), and from weights with a NaN (the loss)."""
+    cfg = sudoku.Config(**TINY, seeds=1, out=str(tmp_path))
+    base = a_base(smoke, tmp_path)
+    with pytest.raises(FloatingPointError, match="^step 1 of seed 0's base: non-finite weights"):
+        sudoku.pretrain(dataclasses.replace(cfg, pretrain_lr=float("inf")), 0)
+    assert [n for n in os.listdir(tmp_path) if n.startswith("base-")] == [os.path.basename(base)]
+    model = from_pretrained(base)
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="^step 1 of seed 0's Base-Self: non-finite loss"):
+        sudoku.post_train(model, cfg, sudoku.regime_data(cfg, 0), "self", 0)
+    run = sudoku.run  # the command line, with the tiny fields it has no flags for, and lr = inf
+    monkeypatch.setattr(sudoku, "run",
+                        lambda c: run(dataclasses.replace(c, **TINY, lr=float("inf"))))
+    with pytest.raises(SystemExit) as e:
+        sudoku.main(["--seeds", "1", "--methods", "base,copsd", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err == ("error: step 1 of seed 0's COPSD: non-finite weights; "
+                                         "stopped before saving (is the learning rate too high?)")
+    assert [n for n in os.listdir(tmp_path / "rows") if not n.startswith("base-")] == []
+
+
 def test_several_solution_puzzles_and_their_score():
     splits = sudoku.make_splits(0, 20, 10, 10, n_val=10, most=4)
     seen = set()
@@ -391,8 +526,93 @@ def test_solve_bad_input_is_one_line(args, word, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is for a machine without a GPU")
 def test_device_cuda_without_gpu_is_one_line(tmp_path):
     r = run_cli("--device", "cuda", "--out", str(tmp_path), timeout=120)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["--device cuda: torch sees no CUDA GPU here"]
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: --device cuda: torch sees no CUDA GPU here"]
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="for a machine without a GPU")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seeds", "0"], "--seeds 0: need at least 1"),
+    (["--K", "0"], "--K 0: need at least 1 response per prompt"),
+    (["--tokens_per_step", "0"], "the evaluation's sampler: 0 tokens per step does not divide "
+                                 "the block length 16"),
+    (["--tokens_per_step", "1,3"], "the evaluation's sampler: 3 tokens per step does not divide "
+                                   "the block length 16"),
+    (["--prompts_per_step", "0"], "--prompts_per_step 0: need >= 1"),
+    (["--steps", "0"], "--steps 0: need >= 1 (untrained, a row is the base)"),
+    (["--steps", "-1"], "--steps -1: need >= 1 (untrained, a row is the base)"),
+    (["--s", "0.9"], "need 0 <= s < t <= 1, got --t 0.9 --s 0.9 (at s >= t the later view masks "
+                     "nothing, and COPSD's loss is 0)"),
+    (["--methods", "base,self", "--t", "0.5", "--s", "0.6"],
+     "the premise's two views need 0 <= s < t <= 1, got --t 0.5 --s 0.6"),
+    (["--lr", "-1"], "--lr -1.0: need a finite value > 0"),
+    (["--train_tokens_per_step", "0"], "--train_tokens_per_step 0: need >= 1"),
+    (["--train_tokens_per_step", "3"], "--train_tokens_per_step: 3 tokens per step does not "
+                                       "divide the block length 16"),
+    (["--solve", "0321003004002100", "--ckpt", "nowhere"], "--ckpt nowhere: no such directory"),
+    pytest.param(["--device", "cuda"], "--device cuda: torch sees no CUDA GPU here",
+                 marks=NO_GPU)])
+def test_bad_values_exit_2_with_one_line_before_any_work(args, message, tmp_path, capsys):
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        sudoku.main([*args, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+    assert not os.path.exists(tmp_path / "out") and time.time() - t0 < 5
+
+
+def test_solve_an_empty_puzzle_says_so(tmp_path):
+    """--solve "" is a puzzle asked for, not the default training run."""
+    with pytest.raises(SystemExit) as e:
+        sudoku.main(["--solve", "", "--out", str(tmp_path / "out")])
+    assert str(e.value.code).endswith("got an empty puzzle") and "\n" not in str(e.value.code)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def a_base(smoke, dest, seed=0):
+    """A copy of the smoke run's base of `seed` (and its splits) in dest; its path there."""
+    out, _ = smoke
+    base = sudoku.pretrain(sudoku.Config(**TINY, out=out), seed)  # kept: found, not trained
+    shutil.copytree(base, os.path.join(dest, os.path.basename(base)))
+    for name in os.listdir(out):
+        if name.startswith("splits-"):
+            shutil.copy(os.path.join(out, name), dest)
+    return os.path.join(dest, os.path.basename(base))
+
+
+def test_a_half_written_base_is_never_taken_for_one(smoke, tmp_path, capsys):
+    """save_pretrained's temporary directory, left by a kill (base-KEY.tmpPID): --solve takes
+    the real base beside it, and pretraining does not count it as done."""
+    base = a_base(smoke, tmp_path)
+    half = base + ".tmp4242"
+    os.makedirs(half)
+    with open(os.path.join(half, "config.json"), "w") as f:
+        f.write('{"d_model": 3')  # newer than the base, and half written
+    puzzle = "0321003004002100"
+    sudoku.main(["--solve", puzzle, "--out", str(tmp_path)])
+    check_grid(capsys.readouterr().out, puzzle)
+    os.rename(base, base + ".tmp4343")  # the only base left is half-written
+    cfg = sudoku.Config(**TINY, out=str(tmp_path))
+    assert sudoku.pretrain(cfg, 0) == base and from_pretrained(base).cfg.d_model == 32
+    assert (from_pretrained(base).cfg.extra["pretrain_steps"]
+            == from_pretrained(base + ".tmp4343").cfg.extra["pretrain_steps"])
+
+
+@pytest.mark.parametrize("damage,file", [("truncate", "model.safetensors"),
+                                         ("garbage", "config.json")])
+@pytest.mark.parametrize("how", ["newest base", "--ckpt"])
+def test_a_corrupt_checkpoint_is_one_line_naming_the_file(smoke, tmp_path, capsys, damage, file,
+                                                          how):
+    path = os.path.join(a_base(smoke, tmp_path), file)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2] if damage == "truncate" else b"\x00\xffnot json")
+    ckpt = ["--ckpt", os.path.dirname(path)] if how == "--ckpt" else []
+    with pytest.raises(SystemExit) as e:
+        sudoku.main(["--solve", "0321003004002100", "--out", str(tmp_path), *ckpt])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {path}: ") and err.count("\n") == 1
 
 
 def test_solve_without_model_is_one_line(tmp_path):
