@@ -339,12 +339,32 @@ def to_unmask(conf, threshold=None, k=None, k_max=None):
     return top_k_mask(conf, one, 1) | (conf >= threshold)
 
 
-def tokens_per_forward(states, mask_id):
-    """TPF of a decoding trajectory (B, T + 1, S): the tokens each row decoded over the model
-    calls it needed (a row whose response is complete needs no more), summed over rows."""
-    masked = (states == mask_id).sum(-1)  # (B, T + 1)
-    busy = (masked[:, :-1] > 0).sum()
-    return float((masked[:, 0] - masked[:, -1]).sum() / busy.clamp(min=1))
+def decode_counts(states, forwards, block_length, mask_id):
+    """Per row of a response's trajectory (B, T + 1, L), decoded block by block with
+    forwards[b] model calls in block b (generate's stats): the tokens it decoded and the calls
+    it needed, those made while its own block was still masked (alone it would stop there; in a
+    batch it waits for the block's slowest row, which should not lower its tokens per forward)."""
+    masked, dev = states == mask_id, states.device
+    block = torch.arange(len(forwards), device=dev).repeat_interleave(
+        torch.tensor(forwards, device=dev))  # each step's block
+    open_blocks = masked[:, :-1].unflatten(-1, (-1, block_length)).any(-1)  # (B, T, blocks)
+    needed = open_blocks[:, torch.arange(len(block), device=dev), block].sum(1)
+    return masked[:, 0].sum(1) - masked[:, -1].sum(1), needed
+
+
+def tokens_per_forward(states, forwards, block_length, mask_id):
+    """TPF of a batch's decoding (decode_counts' arguments): its tokens over the model calls
+    its rows needed, both summed over rows."""
+    tokens, calls = decode_counts(states, forwards, block_length, mask_id)
+    return float(tokens.sum() / calls.sum().clamp(min=1))
+
+
+def aup_curve(columns, key):
+    """The accuracy-parallelism curve of an evaluation {column: scores with tpf}: the
+    1 token/step column (sequential decoding, where the curve starts) and every threshold column
+    ("τ=..."), as (tokens per forward, accuracy in %). The other fixed-count columns are left
+    out: the curve is the threshold sampler's, as d3LLM's leaderboard draws it."""
+    return [(v["tpf"], 100 * v[key]) for n, v in columns.items() if n == "1" or n[:2] == "τ="]
 
 
 def aup(points, y_max=None, alpha=3.0, max_drop=5.0):
@@ -357,6 +377,8 @@ def aup(points, y_max=None, alpha=3.0, max_drop=5.0):
     pts = sorted(points)
     pts = [(r, y) for r, y in pts if y >= pts[0][1] - max_drop]
     y_max = max(y for _, y in pts) if y_max is None else y_max
+    if y_max <= 0:  # nothing right anywhere: no area (and W would divide by zero)
+        return 0.0
     yw = [y * min(1.0, math.exp(-alpha * (1 - y / y_max))) for _, y in pts]
     area = pts[0][0] * pts[0][1]  # the first point's rectangle, unweighted
     for (r0, _), (r1, _), w0, w1 in zip(pts, pts[1:], yw, yw[1:]):

@@ -169,10 +169,18 @@ def parse_puzzle(text):
 SAMPLER = copsd.Sampler(gen_length=GEN_LEN, block_length=GEN_LEN, steps=GEN_LEN)  # 1 token/step
 
 
-def columns(ns):
+def columns(ns, thresholds=()):
     """The evaluation's decoding settings {column: copsd.Sampler}: n tokens per step for each n
-    of ns (Table 1's columns)."""
-    return {str(n): SAMPLER.at(n) for n in ns}
+    of ns (Table 1's columns), then Fast-dLLM's threshold decoding at each τ of thresholds
+    (column "τ=0.9": every cell above τ at once, at least one; its tokens per forward vary)."""
+    return {str(n): SAMPLER.at(n) for n in ns} | {
+        f"τ={τ}": dataclasses.replace(SAMPLER.at(GEN_LEN), threshold=τ) for τ in thresholds}
+
+
+def aup(test, y_max=None):
+    """AUP (copsd.aup) of a row's accuracy-parallelism curve (copsd.aup_curve: its 1 token/step
+    and threshold columns, % blank cells correct). y_max: the best accuracy of any row."""
+    return copsd.aup(copsd.aup_curve(test, "cell_acc"), y_max)
 
 
 @torch.no_grad()
@@ -184,9 +192,11 @@ def decode(model, puzzles, sampler):
         for _ in range(GEN_LEN):
             x = torch.cat([x, model(x, start=x.shape[1] - 1).argmax(-1)], 1)
         return x[:, PROMPT_LEN:].cpu().numpy(), 1.0
-    seq, states = copsd.generate(model, prompt, None, MASK_ID, sampler, record=True)
+    stats = {}
+    seq, states = copsd.generate(model, prompt, None, MASK_ID, sampler, record=True, stats=stats)
     # tokens 1-4 are the digits; anything else scores wrong
-    return seq[:, PROMPT_LEN:].cpu().numpy(), copsd.tokens_per_forward(states, MASK_ID)
+    return seq[:, PROMPT_LEN:].cpu().numpy(), copsd.tokens_per_forward(
+        states[:, :, PROMPT_LEN:], stats["forwards"], sampler.block_length, MASK_ID)
 
 
 def score(filled, puzzles, sols=None):
@@ -248,6 +258,8 @@ class Config(copsd.MethodConfig):
                                   "weights then); 0 = sample once from p_0 (Alg. 1/2 literally)")
     tokens_per_step: tuple = flag((1, 2, 4, 8, 16), "tokens decoded per step in evaluation "
                                   "(Table 1's columns)")
+    thresholds: tuple = flag((0.5, 0.7, 0.8, 0.9, 0.95, 0.99), "confidence thresholds of "
+                             "threshold decoding in evaluation: the curve AUP is read from")
     out: str = flag("out/sudoku", "data splits, base checkpoints and rows, each kept under a key "
                                   "of what determines it")
     device: str = flag("cpu", "where models train and decode (cuda: kept apart, as a GPU's "
@@ -274,13 +286,14 @@ class Config(copsd.MethodConfig):
     eval_every: int = 50
     early_t: float = 0.6
     early_share: float = 0.8
+    pretrain_t: float = 0.0  # > 0: every pretraining row at this mask ratio (the ceiling: 1)
     opdlm_lr: float = 3e-4
     opdlm_steps: int = 400
     premise_prompts: int = 64
     premise_K: int = 16
 
     def columns(self):
-        return columns(self.tokens_per_step)
+        return columns(self.tokens_per_step, self.thresholds)
 
 
 def model_config(cfg):
@@ -355,7 +368,8 @@ def regime_data(cfg, seed):
 
 PRETRAIN_FIELDS = ["regime", "most_solutions", "n_pretrain", "n_distill", "n_test", "d_model",
                    "n_layers", "n_heads", "mlp_hidden_size", "pretrain_lr", "pretrain_batch",
-                   "base_target", "pretrain_max_steps", "eval_every", "early_t", "early_share"]
+                   "base_target", "pretrain_max_steps", "eval_every", "early_t", "early_share",
+                   "pretrain_t"]
 
 
 def optimiser_step(model, opt, loss, step):
@@ -399,7 +413,9 @@ def pretrain(cfg, seed, causal=False, budget=None):
                                    batch[:, PROMPT_LEN:].flatten())
         else:
             t = None
-            if cfg.regime == "early":
+            if cfg.pretrain_t:
+                t = torch.full((n,), cfg.pretrain_t, device=dev)
+            elif cfg.regime == "early":
                 u, low = (torch.rand(n, generator=g, device=dev),
                           torch.rand(n, generator=g, device=dev) < cfg.early_share)
                 t = eps + u * torch.where(low, cfg.early_t - eps, 1 - eps)
@@ -560,7 +576,8 @@ def method_row(cfg, seed, method, ckpt):
 
 def say(seed, name, row):
     tqdm.write(f"seed {seed}: {name}: blank cells correct " + ", ".join(
-        f"{100 * v['cell_acc']:.1f}% at {n}" for n, v in row["test"].items()) + (
+        f"{100 * v['cell_acc']:.1f}% at {n}" for n, v in row["test"].items() if "τ" not in n)
+        + f", AUP {aup(row['test']):.1f} (against its own best)" + (
         f"; {row['steps']} pretraining steps, self-consistency gap {row['premise']:.4f}"
         if row.get("premise") is not None else ""))
 
@@ -621,16 +638,44 @@ def print_premise(regime, base):
           + (f"{np.mean(gap):.1f} points" if gap else "—"))
 
 
+def aups(results, reference="Base"):
+    """{row: [AUP of each seed]}. y_max, the accuracy below which AUP's weight penalises, is
+    the best accuracy on the reference row's curve of that seed (d3LLM takes the best of the
+    methods it ranks; the base they all start from keeps a row's AUP independent of which
+    other rows a table holds), or on any row's where there is no reference row."""
+    def best(rows):
+        return max(y for r in rows for _, y in copsd.aup_curve(r["test"], "cell_acc"))
+    y_max = [best([r]) for r in results[reference]] if reference in results else [
+        best(rows) for rows in zip(*results.values())]
+    return {row: [aup(r["test"], y) for r, y in zip(per_seed, y_max)]
+            for row, per_seed in results.items()}
+
+
 def report(results, cols, regime):
+    """The tables: each row's mean ± std over seeds at the fixed tokens-per-step columns (and
+    AUP, when there are threshold columns), then its threshold decoding curve."""
+    fixed, curve = [n for n in cols if "τ" not in n], [n for n in cols if "τ" in n]
+    width = max(len(r) for r in results) + 2
     for key, what in (("cell_acc", "blank cells filled correctly"),
                       ("solved", "puzzles solved completely")):
         print(f"\n{regime}: {what} (%), mean ± std over seeds")
-        width = max(len(r) for r in results) + 2
-        print("Model / # Tokens".ljust(width) + "".join(f"{n:>15}" for n in cols))
+        print("Model / # Tokens".ljust(width) + "".join(f"{n:>15}" for n in fixed)
+              + ("            AUP" if curve and key == "cell_acc" else ""))
+        score = aups(results) if curve and key == "cell_acc" else {}
         for row, per_seed in results.items():
-            v = 100 * np.array([[r["test"][n][key] for n in cols] for r in per_seed])
+            v = 100 * np.array([[r["test"][n][key] for n in fixed] for r in per_seed])
+            v = np.concatenate([v, np.array(score[row])[:, None]], 1) if score else v
             print(row.ljust(width) + "".join(f"{m:6.2f} ± {s:5.2f}".rjust(15)
                                              for m, s in zip(v.mean(0), v.std(0))))
+    if curve:
+        print(f"\n{regime}: threshold decoding, blank cells correct (%) @ tokens per forward, "
+              "mean over seeds")
+        print("Model / τ".ljust(width) + "".join(f"{n[2:]:>14}" for n in curve))
+        for row, per_seed in results.items():
+            print(row.ljust(width) + "".join(
+                f"{100 * np.mean([r['test'][n]['cell_acc'] for r in per_seed]):6.2f} @ "
+                f"{np.mean([r['test'][n]['tpf'] for r in per_seed]):4.1f}".rjust(14)
+                for n in curve))
 
 
 def run(cfg):

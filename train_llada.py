@@ -100,8 +100,10 @@ class TrainConfig(copsd.MethodConfig):
                                  "every this many steps of a block (0: at its start only, as "
                                  "Fast-dLLM; README: its price and what it buys)")
     eval_tokens_per_step: tuple = flag((2, 4, 8, 16), "tokens per step in evaluation (Table 1)")
-    eval_threshold: float = flag(0.0, "confidence-threshold decoding in evaluation (Fast-dLLM): "
-                                      "one column, with its tokens per forward; 0 = off")
+    eval_threshold: tuple = flag((0.0,), "confidence thresholds of threshold decoding in "
+                                         "evaluation (Fast-dLLM): a column each, with its tokens "
+                                         "per forward, and AUP over them and the 1 token/step "
+                                         "column if asked for (d3LLM's leaderboard); 0 = off")
     eval_batch: int = flag(16, "prompts per rank per forward in evaluation")
     # optimisation
     steps: int = flag(100, "optimiser steps")
@@ -158,8 +160,8 @@ def check(cfg, world, prompts=True):
         (prompts and cfg.task == "gsm8k" and not (cfg.data or cfg.eval_data),
          "--task gsm8k needs --data prompts.jsonl"),
         (cfg.resume and cfg.eval_only, "--resume and --eval_only exclude each other"),
-        (not 0 <= cfg.eval_threshold <= 1,
-         f"--eval_threshold {cfg.eval_threshold}: a probability in (0, 1], or 0")] if bad]
+        *[(not 0 < τ <= 1, f"--eval_threshold {τ:g}: a probability in (0, 1] (or 0 alone: off)")
+          for τ in thresholds(cfg)]] if bad]
     if not errors:  # the samplers' own checks, now that what they divide by is in range
         try:
             rollout_sampler(cfg, M.ModelConfig()), prompts and eval_samplers(cfg, M.ModelConfig())
@@ -462,14 +464,18 @@ def rollout_sampler(cfg, mcfg):
     return one.at(cfg.train_tokens_per_step)
 
 
+def thresholds(cfg):
+    """--eval_threshold's thresholds; none for its default 0 (off)."""
+    return () if cfg.eval_threshold in ((), (0,)) else cfg.eval_threshold
+
+
 def eval_samplers(cfg, mcfg):
     """The evaluation's columns, greedy with --eval_cache: {name: Sampler} at each
-    --eval_tokens_per_step (Table 1), or the one column of --eval_threshold."""
+    --eval_tokens_per_step (Table 1), then one per --eval_threshold (as many tokens per step as
+    are confident enough)."""
     greedy = replace(rollout_sampler(cfg, mcfg), temperature=0.0, cache=cfg.eval_cache)
-    if cfg.eval_threshold:
-        return {f"τ={cfg.eval_threshold}": replace(greedy.at(cfg.block_length),
-                                                   threshold=cfg.eval_threshold)}
-    return {str(n): greedy.at(n) for n in cfg.eval_tokens_per_step}
+    return {str(n): greedy.at(n) for n in cfg.eval_tokens_per_step} | {
+        f"τ={τ}": replace(greedy.at(cfg.block_length), threshold=τ) for τ in thresholds(cfg)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,10 +552,12 @@ def train_step(model, opt, step, chunks, cfg, sp, dev):
 def update_flops(c, cfg, ro):
     """The forward passes (and backward) of one micro-batch's loss, and COPSD's two-view θ' pass
     made at rollout time. d-OPSD: dopsd_steps student passes with gradient, as many teacher
-    passes without; SelFusion: two views with gradient; the others one pass."""
+    passes without; SelFusion, dParallel and d3LLM: two views with gradient (dParallel's and
+    d3LLM's a masked view and its complement); the others one pass."""
     rows, S, L = len(ro), ro.seq.shape[1], ro.seq.shape[1] - ro.P
     one = M.forward_flops(c, rows, S, head=L)
-    return {"copsd": 5 * one, "selfusion": 6 * one, "dopsd": 4 * cfg.dopsd_steps * one}.get(
+    two_views = dict.fromkeys(["selfusion", "dparallel", "d3llm"], 6 * one)
+    return {"copsd": 5 * one, "dopsd": 4 * cfg.dopsd_steps * one, **two_views}.get(
         cfg.method, 3 * one)
 
 
@@ -614,11 +622,14 @@ def progress(bar, rec, seconds, peak_flops):
 
 
 # ----------------------------------------------------------------------------------------------
-# evaluation: greedy decoding at each tokens-per-step n (Table 1), prompts split over ranks
+# evaluation: greedy decoding at each tokens-per-step n (Table 1) and each confidence threshold,
+# prompts split over ranks
 
 
 @torch.no_grad()
 def evaluate(model, mcfg, tok, rows, cfg, dev):
+    """{column: score and tpf}: each column's tokens per forward is the generated tokens over
+    the model calls they needed, both summed over every prompt."""
     world, rank = dist.get_world_size(), dist.get_rank()
     eb = cfg.eval_batch
     per = -(-len(rows) // (world * eb)) * eb  # every rank runs as many batches (FSDP)
@@ -627,33 +638,47 @@ def evaluate(model, mcfg, tok, rows, cfg, dev):
     out = {}
     with gathered(model, not cfg.reshard_when_sampling):
         for name, sp in eval_samplers(cfg, mcfg).items():
-            texts, tpf = [], []
+            texts, tokens, calls = [], [], []
             for i in range(0, per, eb):
-                b = make_batch(mine[i:i + eb], mcfg, dev)
+                b, stats = make_batch(mine[i:i + eb], mcfg, dev), {}
+                P = b["prompt"].shape[1]
                 seq, states = copsd.generate(model, b["prompt"], b["attn"], mcfg.mask_token_id,
-                                             sp, record=True)
-                texts += [response_text(tok, s.tolist(), mcfg, cfg.task)
-                          for s in seq[:, b["prompt"].shape[1]:].cpu()]
-                tpf.append(copsd.tokens_per_forward(states, mcfg.mask_token_id))
+                                             sp, record=True, stats=stats)
+                texts += [response_text(tok, s.tolist(), mcfg, cfg.task) for s in seq[:, P:].cpu()]
+                n, c = copsd.decode_counts(states[:, :, P:], stats["forwards"], sp.block_length,
+                                           mcfg.mask_token_id)
+                tokens, calls = tokens + n.tolist(), calls + c.tolist()
             everyone = [None] * world
-            dist.all_gather_object(everyone, (texts, tpf))
-            texts = [t for ts, _ in everyone for t in ts][:len(rows)]
-            out[name] = dict(score(cfg.task, texts, rows),
-                             tpf=float(np.mean([x for _, xs in everyone for x in xs])))
+            dist.all_gather_object(everyone, (texts, tokens, calls))
+            # rank-major is row order; past len(rows) are the last row's repeats
+            texts, tokens, calls = ([x for part in everyone for x in part[k]][:len(rows)]
+                                    for k in range(3))
+            out[name] = dict(score(cfg.task, texts, rows), tpf=sum(tokens) / max(sum(calls), 1))
     return out
 
 
 def report(results, cfg, name, step):
+    """Print the columns' accuracy and append results.jsonl's record; with --eval_threshold
+    also the AUP (copsd.aup) over every column's (tokens per forward, accuracy in %) point, and
+    those points."""
     if dist.get_rank() != 0:
         return
     key = "cell_acc" if cfg.task == "sudoku" else "acc"
+    rec = dict(model=name, step=step, method=cfg.method,
+               results={str(n): r for n, r in results.items()})
+    if thresholds(cfg):
+        rec["aup_points"] = copsd.aup_curve(results, key)
+        rec["aup"] = copsd.aup(rec["aup_points"])
     print(f"\n{cfg.task}: {key} (%) by tokens per step\n" + "Model / # Tokens".ljust(40)
           + "".join(f"{n:>8}" for n in results))
     print(name[-39:].ljust(40) + "".join(f"{100 * r[key]:8.2f}" for r in results.values()))
+    if "aup" in rec:
+        print("tokens per forward".ljust(40) + "".join(f"{r['tpf']:8.2f}" for r in
+                                                       results.values()))
+        print(f"AUP {rec['aup']:.1f}")
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "results.jsonl"), "a") as f:
-        f.write(json.dumps(dict(model=name, step=step, method=cfg.method,
-                                results={str(n): r for n, r in results.items()})) + "\n")
+        f.write(json.dumps(rec) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -109,7 +109,8 @@ def time_generate(model, mcfg, sp, prompt, cfg, dev):
     by = M.sampler_bytes(mcfg, sp, B, P, stats) / bandwidth if bandwidth else 0.0
     floor = (f"{max(fl, by):.3g} ({'FLOPs' if fl >= by else 'bytes'}) | "
              f"{secs / max(fl, by):.1f}" if max(fl, by) > 0 else "— | —")
-    tpf = copsd.tokens_per_forward(states, mcfg.mask_token_id)
+    tpf = copsd.tokens_per_forward(states[:, :, P:], stats["forwards"], sp.block_length,
+                                   mcfg.mask_token_id)
     return (f"{B * sp.gen_length / secs:.1f} | {tpf:.2f} | {secs:.3g} | {floor} | "
             f"{peak:.2f}")
 

@@ -2,7 +2,8 @@
 
 table1.png and related.png: accuracy over tokens per step; curves.png: validation learning
 curves; figure2.png: the calibration distance over training; figure3.png: accuracy over s/T;
-plot_curves: the learning curves of any run with --curve_every."""
+plot_curves: the learning curves of any run with --curve_every; plot_parallelism: accuracy against
+tokens per forward under threshold decoding (the curve AUP is read from)."""
 
 import functools
 import os
@@ -45,7 +46,7 @@ def accuracy(runs, n):
 
 
 def by_tokens(ax, table, rows, color):
-    cols = list(table["Base"][0]["test"])
+    cols = [n for n in table["Base"][0]["test"] if "τ" not in n]
     for row in rows:
         m = np.array([accuracy(table[row], n) for n in cols])
         ax.errorbar([int(n) for n in cols], m[:, 0], yerr=m[:, 1], marker="o", ms=3, capsize=2,
@@ -91,7 +92,7 @@ def plot(results, out_dir, s, sweep_s, main, other):
     color = dict(zip(["Base", *main, *other], hues))
     panels = {f"{r} (lr {res['lr']}, {res['steps']} steps)": res["table"]
               for r, res in results.items()}
-    ns = [int(n) for n in next(iter(results.values()))["table"]["Base"][0]["test"]]
+    ns = [int(n) for n in next(iter(results.values()))["table"]["Base"][0]["test"] if "τ" not in n]
     acc, tokens = "blank cells correct (%)", "tokens per step"
     for name, draw, ylabel, xlabel, log_ns in [
             ("table1.png", functools.partial(by_tokens, rows=["Base", *main], color=color), acc,
@@ -128,3 +129,20 @@ def plot_curves(panels, path):
     """Learning curves of runs with --curve_every, one panel per {title: results}."""
     figure(path, panels, curve_lines, "post-training step (solid: 1, dashed: 16 tokens/step)",
            "validation blank cells (%)")
+
+
+def parallelism(ax, results):
+    """Each row's accuracy-parallelism curve: test blank cells correct (%) against tokens per
+    forward, at 1 token/step and at each threshold (mean over seeds), left to right."""
+    for i, (row, runs) in enumerate(results.items()):
+        cols = [n for n in runs[0]["test"] if n == "1" or "τ" in n]
+        x, y = (np.array([np.mean([scale * r["test"][n][key] for r in runs]) for n in cols])
+                for key, scale in (("tpf", 1), ("cell_acc", 100)))
+        ax.plot(x[np.argsort(x)], y[np.argsort(x)], "-o" if i < 10 else "--s", ms=3,
+                color=f"C{i % 10}", label=row)
+
+
+def plot_parallelism(panels, path):
+    """The accuracy-parallelism curves, one panel per {title: results}."""
+    figure(path, panels, parallelism, "tokens per forward (threshold decoding)",
+           "test blank cells (%)")

@@ -20,7 +20,7 @@ RUN_FIELDS = sudoku.PRETRAIN_FIELDS + [f.name for f in dataclasses.fields(copsd.
 
 def decoding(cfg):
     """The evaluation's decoding settings, as the key of the scores kept."""
-    return digest(cfg.tokens_per_step, cfg.cache, cfg.refresh, cfg.threshold)
+    return digest(cfg.tokens_per_step, cfg.thresholds, cfg.cache, cfg.refresh)
 
 
 def scores(cfg, seed, ckpt):

@@ -62,8 +62,12 @@ class StudyConfig(sudoku.Config):
                               "the same)", choices=("none", "prefix", "dual"))
     refresh: int = flag(0, "with --cache: also refresh the whole cache every this many steps of "
                            "a block (0: at the block's start only, as Fast-dLLM)")
-    threshold: float = flag(0.0, "confidence-threshold decoding in evaluation: one column, with "
-                                 "its tokens per forward; 0 = off")
+    ceiling: bool = flag(False, "add the ceiling row: the base's architecture pretrained at "
+                                "mask ratio 1 only (for decoding every cell in one forward), "
+                                "--pretrain_max_steps steps")
+    ceiling_device: str = flag("cpu", "where the ceiling trains and is scored (cuda: one GPU "
+                                      "for its long pretraining; cached apart)",
+                               choices=("cpu", "cuda"))
     n_pretrain: int = flag(D.n_pretrain, "pretraining puzzles (with solutions)")
     n_distill: int = flag(D.n_distill, "self-distillation prompts (puzzles only)")
     n_test: int = flag(D.n_test, "test puzzles (the paper evaluates on 256)")
@@ -81,6 +85,8 @@ class StudyConfig(sudoku.Config):
     eval_every: int = flag(D.eval_every, "pretraining steps between validation checks")
     early_t: float = flag(D.early_t, "early regime: most pretraining mask ratios are "
                                      "t ~ U(0, early_t)")
+    pretrain_t: float = flag(D.pretrain_t, "every pretraining row at this mask ratio (0: as the "
+                                           "regime draws it; the ceiling's is 1)")
     early_share: float = flag(D.early_share, "early regime: the share of pretraining rows with "
                                              "t ~ U(0, early_t) (the rest: U(0, 1))")
     opdlm_lr: float = flag(D.opdlm_lr, "OPDLM's learning rate (its student starts as a "
@@ -95,13 +101,9 @@ class StudyConfig(sudoku.Config):
     ckpt: str = ""
 
     def columns(self):
-        """The evaluation's columns: sudoku.columns with --cache and --refresh, or one column
-        of threshold decoding (--threshold)."""
-        sampler = dataclasses.replace(sudoku.SAMPLER, cache=self.cache, refresh=self.refresh,
-                                      threshold=self.threshold or None)
-        if self.threshold:
-            return {f"τ={self.threshold}": sampler.at(sudoku.GEN_LEN)}
-        return {str(n): sampler.at(n) for n in self.tokens_per_step}
+        """The evaluation's columns: sudoku.columns, with --cache and --refresh."""
+        return {n: dataclasses.replace(s, cache=self.cache, refresh=self.refresh)
+                for n, s in super().columns().items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,8 +118,10 @@ ABLATIONS = {"COPSD w/o group normalization": (["copsd"], dict(group_norm=False)
              "COPSD with Z": (["copsd"], dict(keep_z=True)),
              "COPSD-Random": (["copsd"], dict(random_s=True))}
 OTHER = ({sudoku.label(m): (m.split("+"), {}) for m in ("sft", "sft+self", "sft+copsd")}
-         | ABLATIONS | {sudoku.label(m): ([m], {}) for m in ("selfusion", "dopsd", "opdlm")})
+         | ABLATIONS | {sudoku.label(m): ([m], {}) for m in
+                        ("selfusion", "dopsd", "opdlm", "dparallel", "d3llm")})
 TEACHER = "OPDLM's AR teacher"  # a row beside OPDLM's: the accuracy its conversion can reach
+CEILING = "Ceiling (trained at mask ratio 1)"  # what one-forward decoding can reach at this size
 
 
 def sweep(cfg):
@@ -139,13 +143,20 @@ def rows_of(cfg):
         rows |= sweep(cfg)
     if "opdlm" in cfg.methods:
         rows[TEACHER] = ([], {})
+    if cfg.ceiling:
+        rows[CEILING] = ([], {})
     return rows
+
+
+def ceiling(cfg):
+    """The ceiling's config: every pretraining row at mask ratio 1, no early stop."""
+    return dataclasses.replace(cfg, pretrain_t=1.0, base_target=1.0, device=cfg.ceiling_device)
 
 
 def row_task(cfg, seed, name, stages, flags):
     """The task (fn, *args) that gives one row for one seed."""
     if not stages:
-        return base_row, cfg, seed, name == TEACHER
+        return base_row, ceiling(cfg) if name == CEILING else cfg, seed, name == TEACHER
     return run_row, cfg, seed, stages, flags
 
 
@@ -167,15 +178,56 @@ def table(cfg):
     done = parallel({(name, s): row_task(cfg, s, name, *spec) for name, spec in rows.items()
                      for s in seeds}, cfg.workers, "rows")
     results = {name: [done[(name, s)] for s in seeds] for name in rows}
-    sudoku.print_premise(cfg.regime, results["Base"])
-    sudoku.report(results, list(cfg.columns()), cfg.regime)
+    tables(results, list(cfg.columns()), cfg.regime)
     path = os.path.join(cfg.out, cfg.results)
     sudoku.atomic_json(path, dict(config=dataclasses.asdict(cfg), results=results))
     if cfg.curve_every:
         figures.plot_curves({cfg.regime: results}, os.path.splitext(path)[0] + ".png")
+    if cfg.thresholds:
+        figures.plot_parallelism({cfg.regime: results}, os.path.splitext(path)[0] + "-aup.png")
     print(f"\nwall time {time.time() - t0:.0f} s; results in {path}"
-          + (", learning curves beside it (.png)" if cfg.curve_every else ""))
+          + (", learning curves beside it (.png)" if cfg.curve_every else "")
+          + (", accuracy-parallelism curves (-aup.png)" if cfg.thresholds else ""))
     return results
+
+
+# a two-sided 95% Student t quantile by degrees of freedom (seeds - 1)
+T95 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired(results, against):
+    """{row: {column: (mean, half-width)}}: each row's difference from `against` at 1 and 16
+    tokens/step (% blank cells) and in AUP, paired by seed (the same base, split and puzzles),
+    with a 95% t interval over seeds (none with one seed)."""
+    score = sudoku.aups(results)
+    def values(row):
+        return np.array([[100 * r["test"][n]["cell_acc"] for n in ("1", "16")] + [a]
+                         for r, a in zip(results[row], score[row])])
+    out = {}
+    for row in results:
+        d = values(row) - values(against)
+        half = T95.get(len(d) - 1, 1.96) * d.std(0, ddof=1) / np.sqrt(len(d)) if len(d) > 1 \
+            else np.full(3, np.nan)
+        out[row] = dict(zip(("1", "16", "AUP"), zip(d.mean(0), half)))
+    return out
+
+
+def tables(results, cols, regime):
+    """sudoku.py's tables, then the paired differences from Base and from Base-Self."""
+    sudoku.print_premise(regime, results["Base"])
+    sudoku.report(results, cols, regime)
+    if not {"1", "16"} <= set(cols) or not any("τ" in n for n in cols):
+        return
+    width = max(len(r) for r in results) + 2
+    for against in ("Base", "Base-Self"):
+        if against not in results:
+            continue
+        print(f"\n{regime}: difference from {against}, paired by seed, mean ± 95% t interval "
+              "(* where it excludes 0)")
+        print("Model".ljust(width) + "".join(f"{n:>18}" for n in ("1", "16", "AUP")))
+        for row, diff in paired(results, against).items():
+            print(row.ljust(width) + "".join(f"{m:+7.2f} ± {h:6.2f}{'*' if abs(m) > h else ' '}"
+                                             .rjust(18) for m, h in diff.values()))
 
 
 def choose(curves):
@@ -230,8 +282,9 @@ def load(path):
 
 
 def replot(paths):
-    """A study JSON's five figures (into figures/ beside it), or the learning curves of one or
-    more runs' results JSONs (comma-separated: a panel each, beside the first, .png)."""
+    """A study JSON's five figures (into figures/ beside it), or the tables, learning curves
+    and accuracy-parallelism curves of one or more results JSONs (comma-separated: a panel
+    each, beside the first: .png and -aup.png, or parallelism.png for several)."""
     saved = {path: load(path) for path in paths.split(",")}
     (config, results), first = next(iter(saved.values())), next(iter(saved))
     if len(saved) == 1 and all(isinstance(v, dict) and "table" in v for v in results.values()):
@@ -240,7 +293,12 @@ def replot(paths):
     regimes = [c["regime"] for c, _ in saved.values()]
     panels = {(c["regime"] if regimes.count(c["regime"]) == 1 else
                f"{c['regime']} ({os.path.basename(path)})"): r for path, (c, r) in saved.items()}
-    figures.plot_curves(panels, os.path.splitext(first)[0] + ".png")
+    for title, table in panels.items():  # the tables too: a README's numbers from the JSON
+        tables(table, list(table["Base"][0]["test"]), title)
+    if all(r[0]["curve"] or not r[0]["history"] for r in results.values()):
+        figures.plot_curves(panels, os.path.splitext(first)[0] + ".png")
+    figures.plot_parallelism(panels, os.path.splitext(first)[0] + "-aup.png" if len(saved) == 1
+                             else os.path.join(os.path.dirname(first), "parallelism.png"))
 
 
 def study(cfg):
@@ -284,8 +342,7 @@ def study(cfg):
         results[r] = dict(choice[r], table=table)
         print(f"\n=== regime {r}: lr {choice[r]['lr']}, {choice[r]['steps']} steps (chosen on "
               "validation) ===")
-        sudoku.print_premise(r, table["Base"])
-        sudoku.report(table, list(cfg.columns()), r)
+        tables(table, list(cfg.columns()), r)
     path = os.path.join(cfg.out, "study.json")
     sudoku.atomic_json(path, dict(config=dataclasses.asdict(cfg), results=results))
     replot(path)

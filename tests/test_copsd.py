@@ -855,3 +855,14 @@ def test_every_registered_method_trains_on_its_own_data():
     assert copsd.loss_options("dopsd", cfg, sp)["block_length"] == 4  # two blocks
     one_block = dataclasses.replace(sp, block_length=8)
     assert copsd.loss_options("dopsd", cfg, one_block)["block_length"] is None
+
+
+def test_decode_counts_leave_out_the_calls_a_finished_block_waits():
+    """Two rows, blocks of 2, forwards (2, 1): row 0 finishes block 0 in one call and waits
+    for row 1 (not counted); row 1 leaves one position masked. Tokens 4 and 3, calls 2 and 3."""
+    a, M_ = 1, MASK
+    states = torch.tensor([[[M_, M_, M_, M_], [a, a, M_, M_], [a, a, M_, M_], [a, a, a, a]],
+                           [[M_, M_, M_, M_], [a, M_, M_, M_], [a, a, M_, M_], [a, a, a, M_]]])
+    tokens, calls = copsd.decode_counts(states, [2, 1], 2, MASK)
+    assert tokens.tolist() == [4, 3] and calls.tolist() == [2, 3]
+    assert copsd.tokens_per_forward(states, [2, 1], 2, MASK) == pytest.approx(7 / 5)

@@ -113,12 +113,12 @@ def test_workers_give_the_serial_results(smoke, tmp_path):
 
 
 def test_decoding_settings_reevaluate_the_cached_runs(smoke):
-    """--cache / --threshold change the evaluation only: the trained runs are read back, not
-    retrained; threshold decoding is one column with its tokens per forward."""
+    """--cache / --thresholds change the evaluation only: the trained runs are read back, not
+    retrained; threshold decoding is a column with its tokens per forward."""
     out, _ = smoke
     before = json.load(open(os.path.join(out, "results.json")))["results"]
     for flags, column in ((["--cache", "dual"], "16"), (["--cache", "dual", "--refresh", "2"], "1"),
-                          (["--threshold", "0.5"], "τ=0.5")):
+                          (["--thresholds", "0.5"], "τ=0.5")):
         t0 = time.time()
         r = run_cli(*TINY, *flags, "--workers", "2", "--out", out, "--results", "decoding.json")
         assert r.returncode == 0, r.stderr[-2000:]
@@ -129,7 +129,7 @@ def test_decoding_settings_reevaluate_the_cached_runs(smoke):
 
 
 @pytest.mark.parametrize("args,word", [
-    (["--threshold", "1.5"], "threshold"), (["--threshold", "2"], "threshold"),
+    (["--thresholds", "1.5"], "threshold"), (["--thresholds", "0.9,2"], "threshold"),
     (["--cache", "dual", "--refresh", "-1"], "refresh"),
     (["--replot", "nowhere.json"], "nowhere.json"),
     (["--n_test", "0"], "--n_test 0: need >= 1"), (["--seeds", "0"], "--seeds 0"),
@@ -247,8 +247,9 @@ def test_corrupt_cache_entries_are_made_again(smoke, tmp_path, capsys):
     """A truncated base evaluation, a garbage test score, a run result of {} and a truncated
     splits file: each recomputed with one warning, to the same numbers (the run retrained)."""
     copy, res, runs = copied(smoke, tmp_path / "out")
-    (evaluation,) = glob.glob(os.path.join(copy, "base-*", "eval-*.json"))
-    cfg = parse_config(study.StudyConfig, TINY)  # the default columns' scores, seed 0's splits
+    cfg = parse_config(study.StudyConfig, [*TINY, "--out", copy])  # its default columns' files
+    evaluation = os.path.join(sudoku.pretrain(cfg, 0), "eval-" + sudoku.digest(  # as base_row's
+        runs_.decoding(cfg), cfg.t, cfg.s, cfg.premise_prompts, cfg.premise_K) + ".json")
     test = os.path.join(runs["Base-Self"], f"test-{runs_.decoding(cfg)}.json")
     key = sudoku.digest(0, 1, cfg.n_pretrain, cfg.n_distill, cfg.n_test)  # as regime_data's
     splits = os.path.join(copy, f"splits-{key}.npz")

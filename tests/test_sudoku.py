@@ -117,6 +117,29 @@ def test_score():
     assert r["cell_acc"] == pytest.approx(14 / 17) and r["solved"] == 0.5
 
 
+def test_threshold_columns_tpf_is_cells_over_forwards():
+    """A threshold column's TPF is the blank cells decoded over the model calls each puzzle
+    needs, counted here by decoding each puzzle alone through a counting forward; its AUP reads
+    the 1 token/step and threshold columns only."""
+    torch.manual_seed(0)
+    model = sudoku.LLaDA(sudoku.model_config(sudoku.Config(**TINY))).eval()
+    with torch.no_grad():
+        model.transformer.ff_out.weight.mul_(300)  # confident, unevenly: thresholds matter
+    puzzles = sudoku.make_splits(0, 0, 0, 6, n_val=0)["test"][0]
+    cols = sudoku.columns([1, 16], (0.9, 0.99))
+    res = sudoku.evaluate(model, (puzzles, None), cols)
+    calls, forward = [], model.forward
+    model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    for name in ("τ=0.9", "τ=0.99"):
+        calls.clear()
+        for p in puzzles:
+            sudoku.decode(model, p[None], cols[name])
+        assert res[name]["tpf"] == pytest.approx(16 * len(puzzles) / len(calls))
+    assert 1 < res["τ=0.9"]["tpf"] < 16  # some cells at once, not all
+    curve = [(res[n]["tpf"], 100 * res[n]["cell_acc"]) for n in ("1", "τ=0.9", "τ=0.99")]
+    assert sudoku.aup(res, 100.0) == pytest.approx(copsd.aup(curve, 100.0))
+
+
 def test_parse_puzzle_valid():
     p = sudoku.parse_puzzle("0321 0030 0400 2100")
     assert p.tolist() == [0, 3, 2, 1, 0, 0, 3, 0, 0, 4, 0, 0, 2, 1, 0, 0]
@@ -230,11 +253,11 @@ def test_smoke_run_prints_table_and_writes_json(smoke):
     assert any("self-consistency gap" in line for line in lines)  # the premise, measured
     header = [i for i, l in enumerate(lines) if l.startswith("Model / # Tokens")]
     assert len(header) == 2  # cell accuracy and puzzles solved
-    assert lines[header[0]].split()[-5:] == ["1", "2", "4", "8", "16"]
+    assert lines[header[0]].split()[-6:] == ["1", "2", "4", "8", "16", "AUP"]
     table_rows = lines[header[0] + 1: header[0] + 1 + len(ROWS)]
     assert [l.split()[0] for l in table_rows] == ROWS
     for l in table_rows:
-        assert l.count("±") == 5
+        assert l.count("±") == 6
     res = json.load(open(os.path.join(out, "results.json")))
     assert list(res["results"]) == ROWS
     assert res["config"]["K"] == 2 and res["config"]["steps"] == 2

@@ -271,10 +271,10 @@ def test_non_finite_checkpoint_is_refused(tiny_dir, tmp_path, capsys):
     assert p.returncode != 0 and p.stderr.count(f"{WTE} holds NaN or inf") == 2, p.stderr[-2000:]
 
 
-@pytest.mark.parametrize("method", ["self", "sft", "selfusion", "dopsd"])
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "copsd"])
 def test_other_methods(tiny_dir, tmp_path, method):
-    """Base-Self, SFT and the related methods run through the same loop (one process,
-    in-process)."""
+    """Base-Self, SFT and the related methods (every registry method this script runs) go
+    through the same loop (one process, in-process)."""
     out = str(tmp_path / method)
     args = FLAGS + ["--model_dir", tiny_dir, "--out", out, "--method", method, "--steps", "2",
                     "--skip_eval", "--n_train", "8"]
@@ -283,6 +283,95 @@ def test_other_methods(tiny_dir, tmp_path, method):
     assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     before, after = weights(tiny_dir), weights(os.path.join(latest(out), "hf"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_update_flops_counts_the_views_each_loss_runs():
+    """An update's FLOPs scale with the rows each loss runs the model on with gradient, counted
+    here around the model: dParallel's and d3LLM's losses run a masked view and its complement
+    of every row, twice the single view of the MDM loss (SFT, Base-Self)."""
+    c = M.ModelConfig(d_model=32, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=64,
+                      vocab_size=64, embedding_size=64, mask_token_id=MASK, eos_token_id=EOS,
+                      pad_token_id=EOS)
+    model, cfg = M.LLaDA(c), T.TrainConfig(K=2, block_length=8)
+    sp = copsd.Sampler(gen_length=16, block_length=8, steps=8)
+    prompt = torch.randint(6, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    ro = copsd.make_rollout("d3llm", model, prompt, None, MASK, sp, cfg)  # with trajectories
+    rows, forward = [], model.forward
+
+    def counted(x, *a, **k):
+        rows.append(len(x) * torch.is_grad_enabled())
+        return forward(x, *a, **k)
+    model.forward = counted
+    grad_rows, flops = {}, {}
+    for m in ["sft", "self", "dparallel", "d3llm"]:
+        rows.clear()
+        copsd.METHODS[m].loss(model, ro, MASK, **copsd.loss_options(m, cfg, sp))
+        grad_rows[m], flops[m] = sum(rows), T.update_flops(c, replace(cfg, method=m), ro)
+    assert grad_rows["sft"] == grad_rows["self"] == len(ro)
+    assert grad_rows["dparallel"] == grad_rows["d3llm"] == 2 * len(ro)
+    for m in flops:
+        assert flops[m] == flops["sft"] * grad_rows[m] // len(ro), m
+
+
+def confident_copy(tiny_dir, tmp_path):
+    """tiny_dir's model with large random weights: confident, prompt-dependent predictions, so
+    threshold decoding decodes a different number of tokens per step for each prompt."""
+    m, g = M.from_pretrained(tiny_dir), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 8 / p.shape[1] ** 0.5)
+    d = str(tmp_path / "confident")
+    M.save_pretrained(d, m.cfg, m.state_dict())
+    shutil.copy(os.path.join(tiny_dir, "tokenizer.json"), d)
+    return d
+
+
+def test_threshold_grid_tokens_per_forward_and_aup(tiny_dir, tmp_path, monkeypatch):
+    """--eval_threshold 0.5,0.9: one evaluation, one record with the fixed columns and a column
+    per threshold. Each column's tpf is its generated tokens over the model calls they took,
+    counted here around copsd.generate and the model, one prompt per call (the prompts need
+    different numbers of calls); a batch of all the prompts, where rows wait for each other,
+    gives the same. aup is copsd.aup of the recorded points, (tpf, accuracy in %) of each
+    threshold column (the tiny model solves nothing: a stand-in score gives distinct
+    accuracies)."""
+    d, out = confident_copy(tiny_dir, tmp_path), str(tmp_path / "out")
+    args = FLAGS + ["--model_dir", d, "--out", out, "--eval_only", "--eval_threshold", "0.5,0.9"]
+    calls, counts = [0], {}
+    forward, generate = M.LLaDA.forward, copsd.generate
+
+    def counted_forward(self, *a, **k):
+        calls[0] += 1
+        return forward(self, *a, **k)
+
+    def counted_generate(model, prompt, attn, mask_id, sp, **kw):
+        before, out = calls[0], generate(model, prompt, attn, mask_id, sp, **kw)
+        seq = out[0] if kw.get("record") else out
+        assert len(seq) == 1  # one prompt per call: its calls are the model's
+        n = counts.setdefault(sp, [])
+        n.append((int((seq[:, prompt.shape[1]:] != mask_id).sum()), calls[0] - before))
+        return out
+    accuracy = iter([0.5, 0.45, 0.6, 0.3] * 2)
+    monkeypatch.setattr(M.LLaDA, "forward", counted_forward)
+    monkeypatch.setattr(copsd, "generate", counted_generate)
+    monkeypatch.setattr(T, "score", lambda task, texts, rows: dict(cell_acc=next(accuracy)))
+    assert T.main(args + ["--eval_batch", "1"]) == 0
+    monkeypatch.setattr(copsd, "generate", generate)
+    assert T.main(args + ["--eval_batch", "4"]) == 0
+    one, batched = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
+    columns = T.eval_samplers(copsd.parse_config(T.TrainConfig, args), M.read_config(d))
+    assert list(one["results"]) == list(columns) == ["2", "8", "τ=0.5", "τ=0.9"]
+    for name, sp in columns.items():
+        tokens, forwards = map(sum, zip(*counts[sp]))
+        assert len(counts[sp]) == 4 and tokens == 4 * 16
+        assert one["results"][name]["tpf"] == pytest.approx(tokens / forwards), name
+        assert batched["results"][name]["tpf"] == pytest.approx(tokens / forwards), name
+    per_prompt = {sp.threshold: {f for _, f in counts[sp]} for sp in columns.values()}
+    assert len(per_prompt[0.5]) > 1 and len(per_prompt[0.9]) > 1  # what a mean of ratios misses
+    for rec in one, batched:
+        assert rec["aup_points"] == [[r["tpf"], 100 * r["cell_acc"]]  # no "1" column here
+                                     for n, r in rec["results"].items() if n.startswith("τ=")]
+        assert rec["aup"] == pytest.approx(copsd.aup(rec["aup_points"])) and rec["aup"] > 0
 
 
 def bad_copy(tiny_dir, tmp_path):
