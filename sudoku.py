@@ -659,14 +659,15 @@ def report(results, cols, regime):
     for key, what in (("cell_acc", "blank cells filled correctly"),
                       ("solved", "puzzles solved completely")):
         print(f"\n{regime}: {what} (%), mean ± std over seeds")
-        print("Model / # Tokens".ljust(width) + "".join(f"{n:>15}" for n in fixed)
-              + ("            AUP" if curve and key == "cell_acc" else ""))
         score = aups(results) if curve and key == "cell_acc" else {}
+        print("Model / # Tokens".ljust(width) + "".join(f"{n:>15}" for n in fixed)
+              + (f"{'AUP':>17}" if score else ""))
         for row, per_seed in results.items():
             v = 100 * np.array([[r["test"][n][key] for n in fixed] for r in per_seed])
-            v = np.concatenate([v, np.array(score[row])[:, None]], 1) if score else v
             print(row.ljust(width) + "".join(f"{m:6.2f} ± {s:5.2f}".rjust(15)
-                                             for m, s in zip(v.mean(0), v.std(0))))
+                                             for m, s in zip(v.mean(0), v.std(0)))
+                  + (f"{np.mean(score[row]):7.1f} ± {np.std(score[row]):5.1f}".rjust(17)
+                     if score else ""))
     if curve:
         print(f"\n{regime}: threshold decoding, blank cells correct (%) @ tokens per forward, "
               "mean over seeds")

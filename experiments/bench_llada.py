@@ -5,6 +5,8 @@ threshold and refresh, at each batch size. train_llada.py's flags set the model,
 the sampler (those of evaluation and checkpoints do nothing here).
 
     python -m experiments.bench_llada --random_init --steps 3   # random weights of the 8B shape
+    python -m experiments.bench_llada --random_init --steps 1 --no-bench_sampler --bench_eval \
+        --eval_tokens_per_step 1,2 --eval_threshold 0.5,0.7,0.9,0.95   # one evaluation's columns
     torchrun --nproc_per_node=2 -m experiments.bench_llada --random_init --steps 3 --K 4 \\
         --prompts_per_step 8 --micro_batch 4 --act_ckpt --no-bench_sampler
 
@@ -32,6 +34,8 @@ class BenchConfig(T.TrainConfig):
     bench_prompt_len: int = flag(200, "prompts are random tokens of this length")
     bench_batches: tuple = flag((1, 8, 16), "the sampler table: rows per generate call")
     bench_sampler: bool = flag(True, "also time the sampler alone per cache and batch")
+    bench_eval: bool = flag(False, "also time an evaluation's columns (--eval_tokens_per_step, "
+                                   "--eval_threshold) on --eval_batch random prompts")
 
 
 # the sampler table's rows: cache, CUDA graph, threshold, refresh
@@ -145,6 +149,28 @@ def bench_sampler(model, mcfg, cfg, dev):
         print("\n".join(lines))
 
 
+@torch.no_grad()
+def bench_eval(model, mcfg, cfg, dev):
+    """Each column of one evaluation call (train_llada.eval_samplers: the fixed tokens-per-step
+    columns and the --eval_threshold grid), timed on --eval_batch random prompts. On random
+    weights no prediction is confident: every threshold decodes one token per forward."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    vocab, P = min(mcfg.vocab_size, mcfg.mask_token_id), cfg.bench_prompt_len
+    prompt = torch.randint(0, vocab, (cfg.eval_batch, P), generator=g).to(dev)
+    model.eval()
+    lines = []
+    with T.gathered(model, True):
+        for name, sp in T.eval_samplers(cfg, mcfg).items():
+            copsd.generate(model, prompt[:1], None, mcfg.mask_token_id,  # warm-up: one block
+                           replace(sp, gen_length=sp.block_length, steps=sp.steps // sp.n_blocks))
+            lines.append(f"| {name} | " + time_generate(model, mcfg, sp, prompt, cfg, dev) + " |")
+    if dist.get_rank() == 0:
+        print(f"\nevaluation columns: prompt {P}, gen {cfg.gen_length}, block {cfg.block_length}, "
+              f"cache {cfg.eval_cache}, batch {cfg.eval_batch}\n| column | tokens/s | TPF | s | "
+              "floor s | measured / floor | peak GiB over weights |\n|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
+
+
 def bench(cfg, dev, mesh):
     """The timed steps, their table, then the sampler's."""
     T.check(cfg, dist.get_world_size(), prompts=False)
@@ -156,6 +182,8 @@ def bench(cfg, dev, mesh):
     bench_table(records, cfg, dev)
     if cfg.bench_sampler:
         bench_sampler(model, mcfg, cfg, dev)
+    if cfg.bench_eval:
+        bench_eval(model, mcfg, cfg, dev)
 
 
 def main(argv=None):

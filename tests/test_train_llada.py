@@ -516,6 +516,22 @@ def test_bench_rates_are_consistent_with_their_times(tiny_dir, tmp_path, capsys)
     assert len(samplers) == 6 and all(vals[3:5] == ["—", "—"] for vals in samplers.values())
 
 
+def test_bench_times_each_evaluation_column(tiny_dir, tmp_path, capsys):
+    """--bench_eval: a row per column of one evaluation (fixed and threshold), each its batch's
+    generated tokens over its printed time; a fixed column decodes its n tokens per forward."""
+    assert bench_llada.main(BENCH + ["--config", tiny_dir, "--out", str(tmp_path),
+                                     "--no-bench_sampler", "--bench_eval", "--eval_batch", "3",
+                                     "--eval_tokens_per_step", "2,4", "--eval_threshold",
+                                     "0.5,0.9"]) == 0
+    text = capsys.readouterr().out.split("evaluation columns:")[1]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| column")}
+    assert list(rows) == ["2", "4", "τ=0.5", "τ=0.9"]
+    for name, (rate, tpf, secs) in rows.items():
+        assert float(rate) * float(secs) == pytest.approx(3 * 32, rel=0.02), name
+        assert float(tpf) == float(name) if "τ" not in name else float(tpf) >= 1.0
+
+
 def test_bench_help_adds_its_flags_to_the_trainers(capsys):
     with pytest.raises(SystemExit) as e:
         bench_llada.main(["--help"])
