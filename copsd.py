@@ -179,7 +179,7 @@ class Sampler:
             (self.refresh < 0,
              f"refresh must be >= 0 (0: refresh at each block's start only), not {self.refresh}"),
             (self.threshold is not None and not 0 < self.threshold <= 1,
-             f"threshold must be in (0, 1] (or None: off), not {self.threshold}")]
+             f"threshold must be in (0, 1], not {self.threshold}")]
         for bad, message in problems:
             if bad:
                 raise ValueError(message)

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import sys
@@ -280,6 +281,8 @@ class Config(copsd.MethodConfig):
     n_heads: int = 4
     mlp_hidden_size: int = 512
     pretrain_lr: float = 1e-3
+    pretrain_warmup: int = 0  # steps of linear warm-up to pretrain_lr
+    pretrain_decay: float = 1.0  # then a cosine to pretrain_decay x pretrain_lr (1: constant)
     pretrain_batch: int = 128
     base_target: float = 0.9
     pretrain_max_steps: int = 4000
@@ -339,8 +342,9 @@ def cached(path, make, keys=()):
             warn(f"{path} is not a result with {', '.join(keys) or 'keys'}; recomputing it")
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             warn(f"{path} does not parse ({e}); recomputing it")
+    made = make()  # first: a run that fails leaves no directory behind
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_json(path, make())
+    atomic_json(path, made)
     return read_json(path)
 
 
@@ -367,7 +371,8 @@ def regime_data(cfg, seed):
 # pretraining the base (kept under --out by what determines it)
 
 PRETRAIN_FIELDS = ["regime", "most_solutions", "n_pretrain", "n_distill", "n_test", "d_model",
-                   "n_layers", "n_heads", "mlp_hidden_size", "pretrain_lr", "pretrain_batch",
+                   "n_layers", "n_heads", "mlp_hidden_size", "pretrain_lr", "pretrain_warmup",
+                   "pretrain_decay", "pretrain_batch",
                    "base_target", "pretrain_max_steps", "eval_every", "early_t", "early_share",
                    "pretrain_t"]
 
@@ -381,6 +386,16 @@ def optimiser_step(model, opt, loss, step):
     copsd.check_finite(step, gradients=[p.grad for p in model.parameters() if p.grad is not None])
     opt.step()
     copsd.check_finite(step, weights=list(model.parameters()))
+
+
+def lr_factor(cfg, step):
+    """Pretraining's learning rate over pretrain_lr after `step` updates: a linear warm-up over
+    pretrain_warmup steps, then a cosine from 1 to pretrain_decay at pretrain_max_steps."""
+    if step < cfg.pretrain_warmup:
+        return (step + 1) / cfg.pretrain_warmup
+    done = min(1.0, (step - cfg.pretrain_warmup) / max(1, cfg.pretrain_max_steps
+                                                        - cfg.pretrain_warmup))
+    return cfg.pretrain_decay + (1 - cfg.pretrain_decay) * (1 + math.cos(math.pi * done)) / 2
 
 
 def pretrain(cfg, seed, causal=False, budget=None):
@@ -398,6 +413,7 @@ def pretrain(cfg, seed, causal=False, budget=None):
     torch.manual_seed(seed)
     model = LLaDA(dataclasses.replace(model_config(cfg), causal=causal)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, cfg))
     puzzles, sols = data["pretrain"]
     seq = torch.cat([encode_prompt(puzzles, dev), torch.as_tensor(sols, device=dev)], 1)
     g = torch.Generator(dev).manual_seed(seed)
@@ -423,6 +439,7 @@ def pretrain(cfg, seed, causal=False, budget=None):
                                      generator=g, t=t)
         optimiser_step(model, opt, loss,
                        f"{step} of seed {seed}'s {'AR teacher' if causal else 'base'}")
+        schedule.step()
         if step % cfg.eval_every == 0 and not causal:  # the AR teacher trains its fixed budget
             acc = evaluate(model, data["val"], columns([1]))["1"]["cell_acc"]
             if acc >= cfg.base_target:
@@ -714,7 +731,9 @@ def check(cfg, methods=None, more=()):
          f"the premise's two views need 0 <= s < t <= 1, got --t {cfg.t} --s {cfg.s}"),
         (cfg.device == "cuda" and not torch.cuda.is_available(),
          "--device cuda: torch sees no CUDA GPU here"),
-        (cfg.ckpt and not os.path.isdir(cfg.ckpt), f"--ckpt {cfg.ckpt}: no such directory")]
+        (cfg.ckpt and not os.path.isdir(cfg.ckpt), f"--ckpt {cfg.ckpt}: no such directory"),
+        (os.path.exists(cfg.out) and not os.path.isdir(cfg.out),
+         f"--out {cfg.out}: a file, not a directory")]
         if bad]
     for what, make in (("the evaluation's sampler", cfg.columns),
                        ("--train_tokens_per_step", lambda: SAMPLER.at(cfg.train_tokens_per_step))):
@@ -754,6 +773,9 @@ def main(argv=None):
         solve(cfg) if cfg.solve or "--solve" in [a.split("=")[0] for a in argv] else run(cfg)
     except (FloatingPointError, CheckpointError) as e:  # diverged; a checkpoint that won't load
         fail(e)
+    except SystemExit as e:  # --solve's: a puzzle that is not one, no model to solve it with
+        fail(e.code) if isinstance(e.code, str) else None
+        raise
 
 
 if __name__ == "__main__":

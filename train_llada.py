@@ -16,6 +16,7 @@ run repeats exactly what the killed one would have done. Timings: experiments/be
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -149,7 +150,10 @@ def check(cfg, world, prompts=True):
     v, bl = vars(cfg), max(cfg.block_length, 1)
     ns = [cfg.train_tokens_per_step] + (list(cfg.eval_tokens_per_step) if prompts else [])
     errors = cfg.problems([cfg.method]) + [why for bad, why in [
-        *[(not lo <= v[k] < math.inf, f"--{k} {v[k]}: need >= {lo}") for k, lo in LOWEST.items()],
+        *[(not lo <= v[k] < math.inf, f"--{k} {v[k]}: need a finite value >= {lo}")
+          for k, lo in LOWEST.items()],
+        (os.path.exists(cfg.out) and not os.path.isdir(cfg.out),
+         f"--out {cfg.out}: a file, not a directory"),
         *[(n < 1 or bl % n, f"tokens per step {n} does not divide --block_length {bl}")
           for n in ns],
         (cfg.prompts_per_step % (world * max(cfg.micro_batch, 1)),
@@ -796,8 +800,13 @@ def resume_state(d, meta, model, opt, dev):
     state = get_optimizer_state_dict(model, opt)  # the flags' groups, the state to load into
     try:
         p = os.path.join(d, "dcp")
-        dcp.load({"state": state["state"]}, storage_reader=(
-            dcp.HuggingFaceStorageReader(p) if SAFE_DCP else dcp.FileSystemReader(p)))
+        quiet = logging.getLogger("torch.distributed.checkpoint")  # it logs a traceback
+        level, quiet.level = quiet.level, logging.CRITICAL  # before raising: ours is one line
+        try:
+            dcp.load({"state": state["state"]}, storage_reader=(
+                dcp.HuggingFaceStorageReader(p) if SAFE_DCP else dcp.FileSystemReader(p)))
+        finally:
+            quiet.setLevel(level)
     except (dcp.CheckpointException, Exception) as e:  # the first rank's error, in one line
         e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
         raise M.CheckpointError(f"{d}/dcp: not this script's optimizer state "

@@ -30,6 +30,7 @@ import sudoku
 from copsd import flag, parse_config
 from experiments import figures
 from experiments.runs import base_row, evaluate_at, parallel, run_row
+import model as M
 from model import CheckpointError
 
 D = sudoku.Config  # the toy's defaults, which these flags expose
@@ -64,7 +65,11 @@ class StudyConfig(sudoku.Config):
                            "a block (0: at the block's start only, as Fast-dLLM)")
     ceiling: bool = flag(False, "add the ceiling row: the base's architecture pretrained at "
                                 "mask ratio 1 only (for decoding every cell in one forward), "
-                                "--pretrain_max_steps steps")
+                                "--ceiling_steps steps")
+    ceiling_steps: int = flag(4000, "the ceiling's pretraining steps")
+    recipes: bool = flag(False, "pretrain the bases of --study_regimes x --seeds with each base "
+                                "recipe and premise candidate of the grid (RECIPES, PREMISES): "
+                                "steps to the target, FLOPs, validation accuracy, the premise gap")
     ceiling_device: str = flag("cpu", "where the ceiling trains and is scored (cuda: one GPU "
                                       "for its long pretraining; cached apart)",
                                choices=("cpu", "cuda"))
@@ -77,7 +82,11 @@ class StudyConfig(sudoku.Config):
     n_layers: int = flag(D.n_layers, "blocks of the base model")
     n_heads: int = flag(D.n_heads, "attention heads of the base model")
     mlp_hidden_size: int = flag(D.mlp_hidden_size, "MLP width of the base model")
-    pretrain_lr: float = flag(D.pretrain_lr, "AdamW learning rate of pretraining")
+    pretrain_lr: float = flag(D.pretrain_lr, "AdamW learning rate of pretraining (its peak)")
+    pretrain_warmup: int = flag(D.pretrain_warmup, "pretraining's linear warm-up steps")
+    pretrain_decay: float = flag(D.pretrain_decay, "pretraining's learning rate at "
+                                                   "--pretrain_max_steps over its peak, reached "
+                                                   "by a cosine after the warm-up (1: constant)")
     pretrain_batch: int = flag(D.pretrain_batch, "puzzles per pretraining step")
     base_target: float = flag(D.base_target, "stop pretraining at this validation blank-cell "
                                              "accuracy (1 token/step)")
@@ -150,7 +159,46 @@ def rows_of(cfg):
 
 def ceiling(cfg):
     """The ceiling's config: every pretraining row at mask ratio 1, no early stop."""
-    return dataclasses.replace(cfg, pretrain_t=1.0, base_target=1.0, device=cfg.ceiling_device)
+    return dataclasses.replace(cfg, pretrain_t=1.0, base_target=1.0, device=cfg.ceiling_device,
+                               pretrain_max_steps=cfg.ceiling_steps)
+
+
+# the base recipes tried (--recipes): the old one (constant 1e-3, batch 128), then peak learning
+# rate x batch x schedule (warm-up 30, cosine to a tenth over 300 or 600 steps)
+RECIPES = {"constant 1e-3, 128": {}} | {
+    f"{lr:g}, {b}, cos {h}": dict(pretrain_lr=lr, pretrain_batch=b, pretrain_warmup=30,
+                                  pretrain_decay=0.1, pretrain_max_steps=h)
+    for lr in (2e-3, 4e-3) for b in (64, 128) for h in (300, 600)}
+# the premise's candidates (--recipes, regime early): a base never trained above a mask ratio,
+# or one under-trained at high mask ratios (stopped before the target)
+PREMISES = {"early: t ~ U(0, 0.5) only": dict(early_t=0.5, early_share=1.0),
+            "early: t ~ U(0, 0.3) only": dict(early_t=0.3, early_share=1.0),
+            "early, stopped at 80%": dict(base_target=0.8),
+            "early, 300 steps": dict(base_target=1.0, pretrain_max_steps=300)}
+
+
+def recipes(cfg):
+    """Every recipe (and, in the early regime, every premise candidate) on every regime and
+    seed: the base, its steps, validation accuracy at 1 and 16 tokens/step and premise gap
+    (runs.base_row), and its pretraining FLOPs; one line each, mean over seeds."""
+    runs = {(name, r): dataclasses.replace(cfg, regime=r, **flags)
+            for name, flags in RECIPES.items() for r in cfg.study_regimes}
+    runs |= {(name, "early"): dataclasses.replace(cfg, regime="early", **flags)
+             for name, flags in PREMISES.items()}
+    done = parallel({(name, r, s): (base_row, c, s) for (name, r), c in runs.items()
+                     for s in range(cfg.seeds)}, cfg.workers, "bases")
+    fwd = M.forward_flops(sudoku.model_config(cfg), 1, 2 * sudoku.GEN_LEN, head=sudoku.GEN_LEN)
+    print("\n| recipe | regime | steps per seed | reached | TFLOP | val 1 | val 16 | gap |\n"
+          "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
+    for (name, r), c in runs.items():
+        rows = [done[(name, r, s)] for s in range(cfg.seeds)]
+        steps = [row["steps"] for row in rows]
+        val = {n: 100 * np.mean([row["val"][n]["cell_acc"] for row in rows]) for n in ("1", "16")}
+        print(f"| {name} | {r} | {', '.join(map(str, steps))} | "
+              f"{sum(x < c.pretrain_max_steps for x in steps)}/{len(steps)} | "
+              f"{3 * fwd * c.pretrain_batch * np.mean(steps) / 1e12:.1f} | {val['1']:.1f} | "
+              f"{val['16']:.1f} | {np.mean([row['premise'] for row in rows]):.4f} |")
+    return done
 
 
 def row_task(cfg, seed, name, stages, flags):
@@ -295,7 +343,7 @@ def replot(paths):
                f"{c['regime']} ({os.path.basename(path)})"): r for path, (c, r) in saved.items()}
     for title, table in panels.items():  # the tables too: a README's numbers from the JSON
         tables(table, list(table["Base"][0]["test"]), title)
-    if all(r[0]["curve"] or not r[0]["history"] for r in results.values()):
+    if all(r[0].get("curve") or not r[0]["history"] for r in results.values()):
         figures.plot_curves(panels, os.path.splitext(first)[0] + ".png")
     figures.plot_parallelism(panels, os.path.splitext(first)[0] + "-aup.png" if len(saved) == 1
                              else os.path.join(os.path.dirname(first), "parallelism.png"))
@@ -381,12 +429,15 @@ def check(cfg):
 def main(argv=None):
     cfg = parse_config(StudyConfig, argv, description=__doc__)
     if cfg.replot:
-        return replot(cfg.replot)
+        try:
+            return replot(cfg.replot)
+        except (KeyError, IndexError, TypeError, AttributeError) as e:  # the right keys, not
+            sudoku.fail(f"--replot {cfg.replot}: not a study or results JSON ({e!r})")  # rows
     check(cfg)
     cfg = dataclasses.replace(cfg, workers=cfg.workers or os.cpu_count() or 1)
     torch.set_num_threads(1)  # one thread per run, serial or parallel: the same numbers
     try:
-        study(cfg) if cfg.study else table(cfg)
+        recipes(cfg) if cfg.recipes else study(cfg) if cfg.study else table(cfg)
     except (FloatingPointError, CheckpointError) as e:  # diverged; a checkpoint that won't load
         sudoku.fail(e)
 

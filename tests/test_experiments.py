@@ -277,3 +277,40 @@ def test_divergence_is_one_line_and_saves_nothing(smoke, tmp_path, capsys):
     with pytest.raises(FloatingPointError, match="^step 1 of seed 0's Base-Self: non-finite"):
         study.table(cfg)
     assert not os.path.exists(runs["Base-Self"]) and not os.path.exists(runs["COPSD"])
+
+
+def test_bench_toy_table_adds_up(capsys):
+    """experiments.bench_toy on the tiny model: each phase's rate x seconds is its GFLOP, the
+    counts are the run's, the totals are the phases' sums over the seeds and the busy cores,
+    and the floor is below the prediction."""
+    import re
+
+    from experiments import bench_toy
+    with pytest.raises(SystemExit) as e:
+        bench_toy.main(["--help"])
+    assert e.value.code == 0 and "--base_steps" in capsys.readouterr().out
+    args = ["--seeds", "3", "--cores", "2", "--steps", "3", "--resample_every", "2",
+            "--bench_steps", "1", "--base_steps", "25", "--tokens_per_step", "1,4",
+            "--thresholds", "0.9"]
+    bench_toy.main(args, **FIELDS)
+    out = capsys.readouterr().out
+    table = [l.strip("|").split("|") for l in out.splitlines() if l.startswith("| ")][1:]
+    names, (count, gflop, secs, rate, share) = [r[0].strip() for r in table], zip(*[
+        [float(x.strip(" %")) for x in r[1:]] for r in table])
+    assert names == ["pretraining step", "validation check", "premise measurement",
+                     "evaluation (3 columns)", "Base-Self rollout", "Base-Self optimiser step",
+                     "COPSD rollout", "COPSD optimiser step"]
+    assert count == (75, 6, 3, 9, 6, 9, 6, 9)  # 3 seeds: 25 steps, 2 checks, 3 evaluations, ...
+    for g, s, r in zip(gflop, secs, rate):
+        assert g > 0 and r * s == pytest.approx(g, rel=0.02)
+    num = {k: float(v) for k, v in re.findall(
+        r"^(peak|total|floor|predicted|measured / floor): (\S+)", out, re.M)}
+
+    def approx(x):
+        return pytest.approx(x, rel=0.02)
+    assert num["total"] * 1e3 == approx(sum(n * g for n, g in zip(count, gflop)))
+    assert num["predicted"] == approx(sum(n * s for n, s in zip(count, secs)) / 2)
+    assert num["floor"] == approx(num["total"] * 1e3 / (num["peak"] * 2))
+    assert num["floor"] < num["predicted"]
+    assert num["measured / floor"] == approx(num["predicted"] / num["floor"])
+    assert sum(share) == pytest.approx(100, abs=1)

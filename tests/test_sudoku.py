@@ -585,11 +585,13 @@ def test_bad_values_exit_2_with_one_line_before_any_work(args, message, tmp_path
     assert not os.path.exists(tmp_path / "out") and time.time() - t0 < 5
 
 
-def test_solve_an_empty_puzzle_says_so(tmp_path):
+def test_solve_an_empty_puzzle_says_so(tmp_path, capsys):
     """--solve "" is a puzzle asked for, not the default training run."""
     with pytest.raises(SystemExit) as e:
         sudoku.main(["--solve", "", "--out", str(tmp_path / "out")])
-    assert str(e.value.code).endswith("got an empty puzzle") and "\n" not in str(e.value.code)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: --solve: ") and err.count("\n") == 1
+    assert err.strip().endswith("got an empty puzzle")
     assert not os.path.exists(tmp_path / "out")
 
 
