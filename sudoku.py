@@ -186,22 +186,25 @@ def aup(test, y_max=None):
 
 @torch.no_grad()
 def decode(model, puzzles, sampler):
-    """The model's fill of each puzzle (n, 16), and its tokens per forward (TPF)."""
+    """The model's fill of each puzzle (n, 16), the cells it decoded and the model calls it
+    needed (copsd.decode_counts: their ratio is its tokens per forward), each (n,)."""
     prompt = encode_prompt(puzzles, model.device)
     if model.cfg.causal:  # OPDLM's AR teacher: left to right, one token per step whatever n
         x = prompt
         for _ in range(GEN_LEN):
             x = torch.cat([x, model(x, start=x.shape[1] - 1).argmax(-1)], 1)
-        return x[:, PROMPT_LEN:].cpu().numpy(), 1.0
+        return x[:, PROMPT_LEN:].cpu().numpy(), *[np.full(len(x), GEN_LEN)] * 2
     stats = {}
     seq, states = copsd.generate(model, prompt, None, MASK_ID, sampler, record=True, stats=stats)
+    cells, calls = copsd.decode_counts(states[:, :, PROMPT_LEN:], stats["forwards"],
+                                       sampler.block_length, MASK_ID)
     # tokens 1-4 are the digits; anything else scores wrong
-    return seq[:, PROMPT_LEN:].cpu().numpy(), copsd.tokens_per_forward(
-        states[:, :, PROMPT_LEN:], stats["forwards"], sampler.block_length, MASK_ID)
+    return seq[:, PROMPT_LEN:].cpu().numpy(), cells.cpu().numpy(), calls.cpu().numpy()
 
 
 def score(filled, puzzles, sols=None):
-    """Blank cells filled correctly and puzzles solved. sols: each puzzle's reference solution;
+    """Blank cells filled correctly and puzzles solved; per puzzle, its blank cells and those
+    filled correctly (for intervals over puzzles). sols: each puzzle's reference solution;
     None: the nearest of all its solutions, so that a puzzle with several counts as solved by a
     valid grid that keeps its givens."""
     if sols is None:
@@ -210,11 +213,13 @@ def score(filled, puzzles, sols=None):
     blank = puzzles == 0
     right = (filled == sols) | ~blank
     return dict(cell_acc=float((right & blank).sum() / blank.sum()),
-                solved=float(right.all(1).mean()))
+                solved=float(right.all(1).mean()), blanks=blank.sum(1).tolist(),
+                right=(right & blank).sum(1).tolist())
 
 
 def evaluate(model, split, cols, batch=512):
-    """{column: cell accuracy, puzzles solved, TPF} on a split (scored against the nearest
+    """{column: cell accuracy, puzzles solved, TPF (cells decoded over model calls), and per
+    puzzle its blanks, those right and its calls} on a split (scored against the nearest
     solution); cols: {column: copsd.Sampler}."""
     model.eval()
     puzzles, _ = split
@@ -222,8 +227,9 @@ def evaluate(model, split, cols, batch=512):
     for name, sampler in cols.items():
         parts = [decode(model, puzzles[i:i + batch], sampler)
                  for i in range(0, len(puzzles), batch)]
-        filled = np.concatenate([f for f, _ in parts])
-        out[name] = dict(score(filled, puzzles), tpf=float(np.mean([t for _, t in parts])))
+        filled, cells, calls = (np.concatenate(x) for x in zip(*parts))
+        out[name] = dict(score(filled, puzzles), tpf=float(cells.sum() / max(calls.sum(), 1)),
+                         calls=calls.tolist())
     return out
 
 

@@ -377,8 +377,9 @@ def score(task, texts, rows):
     GSM8K: whether the response's last number equals the reference's (after '####')."""
     if task == "sudoku":  # d1's score: the reference solution's cells, among the blanks
         filled = np.array([[int(c) if c in "1234" else 0 for c in d1_answer(t)] for t in texts])
-        return sudoku.score(filled, np.stack([r["puzzle"] for r in rows]),
-                            np.stack([r["solution"] for r in rows]))
+        r = sudoku.score(filled, np.stack([r["puzzle"] for r in rows]),
+                         np.stack([r["solution"] for r in rows]))
+        return dict(cell_acc=r["cell_acc"], solved=r["solved"])  # not the per-puzzle lists
     gold = [last_number(r["answer"].split("####")[-1]) for r in rows]
     pred = [last_number(t) for t in texts]
     right = [p is not None and g is not None and abs(p - g) < 1e-6 for p, g in zip(pred, gold)]

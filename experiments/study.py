@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import sudoku
+import copsd
 from copsd import flag, parse_config
 from experiments import figures
 from experiments.runs import base_row, evaluate_at, parallel, run_row
@@ -49,8 +50,8 @@ class StudyConfig(sudoku.Config):
     sweep_s: tuple = flag((0.1, 0.3, 0.7, 0.8), "s/T values of Figure 3 besides --s")
     study: bool = flag(False, "every regime, every row, budgets and learning rate chosen per "
                               "regime on validation, figures (hours: prints its estimate first)")
-    study_lrs: tuple = flag((3e-5, 1e-4), "--study: the learning rates to choose from")
-    study_steps: int = flag(120, "--study: the learning curves' length, the longest budget it "
+    study_lrs: tuple = flag((1e-5, 3e-5, 1e-4), "--study: the learning rates to choose from")
+    study_steps: int = flag(240, "--study: the learning curves' length, the longest budget it "
                                  "can choose")
     study_regimes: tuple = flag(("minimal", "early", "multi"), "--study: the regimes (each is "
                                 "independent: split a study over machines, then run it whole "
@@ -126,9 +127,9 @@ MAIN = {"Base-Self": (["self"], {}), "COPSD": (["copsd"], {})} | {
 ABLATIONS = {"COPSD w/o group normalization": (["copsd"], dict(group_norm=False)),
              "COPSD with Z": (["copsd"], dict(keep_z=True)),
              "COPSD-Random": (["copsd"], dict(random_s=True))}
-OTHER = ({sudoku.label(m): (m.split("+"), {}) for m in ("sft", "sft+self", "sft+copsd")}
-         | ABLATIONS | {sudoku.label(m): ([m], {}) for m in
-                        ("selfusion", "dopsd", "opdlm", "dparallel", "d3llm")})
+RELATED = {sudoku.label(m): (m.split("+"), {}) for m in
+           ("sft", "sft+self", "sft+copsd", "selfusion", "dopsd", "dparallel", "d3llm")}
+OTHER = RELATED | ABLATIONS | {sudoku.label("opdlm"): (["opdlm"], {})}
 TEACHER = "OPDLM's AR teacher"  # a row beside OPDLM's: the accuracy its conversion can reach
 CEILING = "Ceiling (trained at mask ratio 1)"  # what one-forward decoding can reach at this size
 
@@ -260,28 +261,76 @@ def paired(results, against):
     return out
 
 
+def bootstrap(results, against, n=2000, seed=0):
+    """{row: {column: (mean, low, high)}}: each row's difference from `against` at 1 and 16
+    tokens/step (% blank cells) and in AUP, its mean over seeds, and a 95% interval from a
+    paired bootstrap: n times, draw the seeds and, within each, the puzzles (the same draw for
+    every row: a seed's split and base are shared), recompute every row's scores (TPF: cells
+    over calls; AUP's y_max from the drawn Base) and the mean difference; the interval is its
+    2.5th to 97.5th percentile. Needs the per-puzzle lists of sudoku.evaluate."""
+    rng = np.random.default_rng(seed)
+    S, P = len(results[against]), len(results[against][0]["test"]["1"]["right"])
+    draw = (rng.integers(0, S, (n, S)), rng.integers(0, P, (n, S, P)))  # seeds, then puzzles
+    every = (np.arange(S)[None], np.broadcast_to(np.arange(P), (1, S, P)))  # the data as is
+
+    def scores(row, draw):  # (draws, S) each: accuracy at 1, at 16, AUP (its y_max: Base's)
+        def total(col, key):
+            v = np.array([r["test"][col][key] for r in results[row]])  # (S, P)
+            return v[draw[0][..., None], draw[1]].sum(-1)
+        curve = [c for c in results[row][0]["test"] if c == "1" or "τ" in c]
+        acc = {c: 100 * total(c, "right") / total(c, "blanks") for c in {"16", *curve}}
+        tpf = {c: sudoku.GEN_LEN * P / total(c, "calls") for c in curve}
+        return acc, tpf, curve
+
+    def three(row, draw, y_max=None):
+        acc, tpf, curve = scores(row, draw)
+        y_max = np.max([acc[c] for c in curve], 0) if y_max is None else y_max
+        aup = np.vectorize(lambda i, s: copsd.aup([(tpf[c][i, s], acc[c][i, s]) for c in curve],
+                                                  y_max[i, s]))(*np.indices(y_max.shape))
+        return np.stack([acc["1"], acc["16"], aup]), y_max  # (3, draws, S)
+
+    base = "Base" if "Base" in results else against
+    (ref, _), (ref0, _) = three(against, draw, three(base, draw)[1]), three(against, every)
+    y_max, y_max0 = three(base, draw)[1], three(base, every)[1]
+    out = {}
+    for row in results:
+        d = (three(row, draw, y_max)[0] - ref).mean(-1)  # (3, n): the mean over drawn seeds
+        d0 = (three(row, every, y_max0)[0] - ref0).mean(-1)[:, 0]
+        lo, hi = np.percentile(d, [2.5, 97.5], axis=1)
+        out[row] = dict(zip(("1", "16", "AUP"), zip(d0, lo, hi)))
+    return out
+
+
 def tables(results, cols, regime):
-    """sudoku.py's tables, then the paired differences from Base and from Base-Self."""
+    """sudoku.py's tables, then each row's paired difference from Base and from Base-Self with
+    its 95% interval: the paired bootstrap where the results hold per-puzzle scores, else the
+    t interval over seeds."""
     sudoku.print_premise(regime, results["Base"])
     sudoku.report(results, cols, regime)
     if not {"1", "16"} <= set(cols) or not any("τ" in n for n in cols):
         return
-    width = max(len(r) for r in results) + 2
+    width, puzzles = max(len(r) for r in results) + 2, "right" in results["Base"][0]["test"]["1"]
     for against in ("Base", "Base-Self"):
         if against not in results:
             continue
-        print(f"\n{regime}: difference from {against}, paired by seed, mean ± 95% t interval "
-              "(* where it excludes 0)")
-        print("Model".ljust(width) + "".join(f"{n:>18}" for n in ("1", "16", "AUP")))
-        for row, diff in paired(results, against).items():
-            print(row.ljust(width) + "".join(f"{m:+7.2f} ± {h:6.2f}{'*' if abs(m) > h else ' '}"
-                                             .rjust(18) for m, h in diff.values()))
+        print(f"\n{regime}: difference from {against}, paired, mean and 95% interval ("
+              + ("bootstrap over seeds and puzzles" if puzzles else "t over seeds")
+              + "; * where it excludes 0)")
+        print("Model".ljust(width) + "".join(f"{n:>24}" for n in ("1", "16", "AUP")))
+        diffs = bootstrap(results, against) if puzzles else {
+            row: {c: (m, m - h, m + h) for c, (m, h) in d.items()}
+            for row, d in paired(results, against).items()}
+        for row, diff in diffs.items():
+            print(row.ljust(width) + "".join(
+                f"{m:+7.2f} [{lo:+7.2f}, {hi:+7.2f}]{'*' if lo > 0 or hi < 0 else ' '}".rjust(24)
+                for m, lo, hi in diff.values()))
 
 
 def choose(curves):
-    """The budget and learning rate of a regime, on validation: the (lr, step) whose accuracy,
+    """A budget and learning rate on validation: the (lr, step) whose accuracy,
     the mean of 1 and 16 tokens/step, averaged over the rows and seeds, is highest.
-    curves: {lr: [curve of each (row, seed)]}. The same choice for every method."""
+    curves: {lr: [curve of each (row, seed)]}: one row's (its own choice), or several
+    (a choice shared by them)."""
     score_of = {}
     for lr, runs in curves.items():
         for point in zip(*runs):
@@ -307,12 +356,13 @@ def estimate(cfg, n_runs):
     return (runs + bases) / max(cfg.workers, 1)
 
 
-def chosen(regimes, cfg, runs):
-    """Each regime's choice on validation from its Table 1 runs {(regime, lr, row, seed):
-    result}: {regime: dict(lr, steps, choice: every point tried with its score)}."""
+def chosen(regimes, cfg, runs, names):
+    """Each regime's choice on validation from the runs {(regime, lr, row, seed): result} of the
+    rows `names` (Table 1's: the shared choice; one method: its own): {regime: dict(lr, steps,
+    choice: every point tried with its score)}."""
     out = {}
     for r in regimes:
-        (lr, step), score_of = choose({lr: [runs[(r, lr, name, s)]["curve"] for name in MAIN
+        (lr, step), score_of = choose({lr: [runs[(r, lr, name, s)]["curve"] for name in names
                                             for s in range(cfg.seeds)] for lr in cfg.study_lrs})
         out[r] = dict(lr=lr, steps=step, choice=[dict(lr=a, step=b, val=v)
                                                  for (a, b), v in score_of.items()])
@@ -350,15 +400,18 @@ def replot(paths):
 
 
 def study(cfg):
-    """Every regime: the bases and their premise; Table 1's rows at each --study_lrs with
-    learning curves; the budget and learning rate chosen on validation (choose); the test
-    split at that choice; then the other rows at it; the tables; the figures."""
+    """Every regime: the bases and their premise; Table 1's rows and the related methods at each
+    --study_lrs with learning curves; on validation, each method's own (lr, steps) and the
+    shared one of Table 1's rows (choose); the test split at each; the other rows (Table 4,
+    Figure 3, OPDLM) at the shared choice; the tables (each method at its own choice, then all
+    at the shared one); the figures."""
     t0, cfg = time.time(), dataclasses.replace(cfg, steps=cfg.study_steps)
     regimes = {r: dataclasses.replace(cfg, regime=r, objective="paper",
                                       curve_every=cfg.curve_every or 20)
                for r in cfg.study_regimes}
-    seeds, rest = range(cfg.seeds), OTHER | sweep(cfg)
-    n_runs = len(regimes) * cfg.seeds * (len(MAIN) * len(cfg.study_lrs) + len(rest))
+    seeds, rows, rest = range(cfg.seeds), MAIN | RELATED, ABLATIONS | sweep(cfg) | {
+        sudoku.label("opdlm"): (["opdlm"], {})}
+    n_runs = len(regimes) * cfg.seeds * (len(rows) * len(cfg.study_lrs) + len(rest))
     print(f"the study: {len(regimes)} regimes x {cfg.seeds} seeds, {n_runs} runs of up to "
           f"{cfg.steps} steps (OPDLM {cfg.opdlm_steps}); estimated "
           f"{estimate(cfg, n_runs) / 3600:.1f} h on {cfg.workers} worker(s)")
@@ -366,31 +419,38 @@ def study(cfg):
     parallel({(r, s): (sudoku.pretrain, c, s) for r, c, s in every}, cfg.workers, "bases",
              bars=True)
     bases = parallel({(r, s): (base_row, c, s) for r, c, s in every}, cfg.workers, "premise")
-    runs = parallel({(r, lr, name, s): (run_row, dataclasses.replace(c, lr=lr), s, *MAIN[name],
-                                        True)
-                     for r, c in regimes.items() for lr in cfg.study_lrs for name in MAIN
-                     for s in seeds}, cfg.workers, "Table 1 rows, each lr")
-    choice = chosen(regimes, cfg, runs)
-    at = {r: dataclasses.replace(c, lr=choice[r]["lr"], steps=choice[r]["steps"])
-          for r, c in regimes.items()}
-    tests = parallel({(r, name, s): (evaluate_at, regimes[r], s,
-                                     runs[(r, choice[r]["lr"], name, s)]["dir"],
-                                     choice[r]["steps"])
-                      for r in regimes for name in MAIN for s in seeds},
-                     cfg.workers, "test at the chosen budget")
-    others = parallel({(r, name, s): (run_row, at[r], s, *spec) for r in regimes
-                       for name, spec in rest.items() for s in seeds},
-                      cfg.workers, "the other rows")
+    runs = parallel({(r, lr, name, s): (run_row, dataclasses.replace(c, lr=lr), s, *spec, True)
+                     for r, c in regimes.items() for lr in cfg.study_lrs
+                     for name, spec in rows.items() for s in seeds}, cfg.workers,
+                    "the methods, each lr")
+    shared = chosen(regimes, cfg, runs, MAIN)
+    own = {(r, name): chosen({r: c}, cfg, runs, [name])[r] for r, c in regimes.items()
+           for name in rows}
+    tests = parallel({(r, name, s, w): (evaluate_at, regimes[r], s, runs[(
+        r, choice["lr"], name, s)]["dir"], choice["steps"]) for r in regimes for name in rows
+        for s in seeds for w, choice in (("own", own[(r, name)]), ("shared", shared[r]))},
+        cfg.workers, "test at the choices")
+    others = parallel({(r, name, s): (run_row, dataclasses.replace(
+        c, lr=shared[r]["lr"], steps=shared[r]["steps"]), s, *spec) for r, c in regimes.items()
+        for name, spec in rest.items() for s in seeds}, cfg.workers, "the other rows")
     results = {}
     for r in regimes:
-        runs_at = {name: [dict(runs[(r, choice[r]["lr"], name, s)], test=tests[(r, name, s)])
-                          for s in seeds] for name in MAIN}
-        table = ({"Base": [bases[(r, s)] for s in seeds]} | runs_at
-                 | {name: [others[(r, name, s)] for s in seeds] for name in rest})
-        results[r] = dict(choice[r], table=table)
-        print(f"\n=== regime {r}: lr {choice[r]['lr']}, {choice[r]['steps']} steps (chosen on "
-              "validation) ===")
-        tables(table, list(cfg.columns()), r)
+        def at_choice(w):
+            return {name: [dict(runs[(r, (own[(r, name)] if w == "own" else shared[r])["lr"],
+                                      name, s)], test=tests[(r, name, s, w)]) for s in seeds]
+                    for name in rows}
+        base = {"Base": [bases[(r, s)] for s in seeds]}
+        rest_rows = {name: [others[(r, name, s)] for s in seeds] for name in rest}
+        results[r] = dict(shared[r], own={name: own[(r, name)] for name in rows},
+                          table=base | at_choice("own") | rest_rows,
+                          shared_table=base | at_choice("shared") | rest_rows)
+        print(f"\n=== regime {r}: each method at its own choice on validation ===")
+        print("\n".join(f"{name}: lr {own[(r, name)]['lr']:g}, {own[(r, name)]['steps']} steps"
+                        for name in rows))
+        tables(results[r]["table"], list(cfg.columns()), r)
+        print(f"\n=== regime {r}: all at the shared choice of Table 1's rows: lr "
+              f"{shared[r]['lr']:g}, {shared[r]['steps']} steps ===")
+        tables(results[r]["shared_table"], list(cfg.columns()), r)
     path = os.path.join(cfg.out, "study.json")
     sudoku.atomic_json(path, dict(config=dataclasses.asdict(cfg), results=results))
     replot(path)

@@ -161,9 +161,9 @@ def digests(folder):
 
 
 def test_study_end_to_end(tmp_path):
-    """--study on a tiny configuration: every regime and row, the budget and learning rate chosen
-    as the validation argmax, test scores at that choice, the figures (redrawn, byte for byte,
-    from the study's JSON alone)."""
+    """--study on a tiny configuration: every regime and row, each method's budget and learning
+    rate chosen as the argmax of its own validation curves, the shared one of Table 1's rows,
+    test scores at each, the figures (redrawn, byte for byte, from the study's JSON alone)."""
     args = [*TINY_MODEL, "--study", "--seeds", "1", "--study_steps", "4", "--curve_every", "2",
             "--opdlm_steps", "4", "--study_lrs", "1e-4,3e-4", "--workers", "2"]
     r = run_cli(*args, "--out", str(tmp_path), timeout=600)
@@ -180,10 +180,17 @@ def test_study_end_to_end(tmp_path):
                 "COPSD s/T=0.1"} <= set(table)
         for row, runs in table.items():
             assert all(0 <= runs[0]["test"][n]["cell_acc"] <= 1 for n in ("1", "16")), row
-        # the chosen point's validation score is the mean over the Table 1 rows of their curves
-        curves = [table[name][0]["curve"] for name in study.MAIN]
+        # the shared point's validation score is the mean over the Table 1 rows of their curves
+        curves = [got["shared_table"][name][0]["curve"] for name in study.MAIN]
         at = [p for c in curves for p in c if p["step"] == got["steps"]]
         assert np.mean([(p["val1"] + p["val16"]) / 2 for p in at]) == pytest.approx(best["val"])
+        # each method's own: the argmax of its own validation curve over the learning rates
+        assert set(got["own"]) == set(study.MAIN) | set(study.RELATED)
+        for name, mine in got["own"].items():
+            top = max(mine["choice"], key=lambda c: c["val"])
+            assert (mine["lr"], mine["steps"]) == (top["lr"], top["step"]), name
+            (p,) = [p for p in table[name][0]["curve"] if p["step"] == mine["steps"]]
+            assert (p["val1"] + p["val16"]) / 2 == pytest.approx(top["val"]), name
     folder = os.path.join(tmp_path, "figures")
     drawn = digests(folder)
     assert list(drawn) == ["curves.png", "figure2.png", "figure3.png", "related.png",
@@ -314,3 +321,40 @@ def test_bench_toy_table_adds_up(capsys):
     assert num["floor"] < num["predicted"]
     assert num["measured / floor"] == approx(num["predicted"] / num["floor"])
     assert sum(share) == pytest.approx(100, abs=1)
+
+
+def constructed(shift, seeds=5, puzzles=100, noise=0, seed=0):
+    """A table of Base and one row over `seeds` seeds: per puzzle 10 blanks, Base right on a
+    random 0-8 of them at every column; the row `shift` more per puzzle (+ noise in -noise..
+    noise); every column's calls alike (16 at 1 token/step, 4 at the threshold)."""
+    rng = np.random.default_rng(seed)
+
+    def test(right):
+        col = lambda calls: dict(right=right.tolist(), blanks=[10] * puzzles,  # noqa: E731
+                                 calls=[calls] * puzzles)
+        return {"1": col(16), "16": col(1), "τ=0.9": col(4)}
+    rows = {"Base": [], "Row": []}
+    for _ in range(seeds):
+        base = rng.integers(0, 9, puzzles)
+        rows["Base"].append(dict(test=test(base)))
+        rows["Row"].append(dict(test=test(base + shift + rng.integers(-noise, noise + 1,
+                                                                       puzzles))))
+    return rows
+
+
+def test_paired_bootstrap_on_a_constructed_difference():
+    """One more blank right per puzzle (of 10) is +10 points in every draw: mean and interval
+    exactly 10; the same row is 0 everywhere; zero-mean noise gives an interval around 0 that
+    a shift of 0.5 cells per puzzle (+5 points) excludes."""
+    d = study.bootstrap(constructed(1), "Base", n=200)
+    for col in ("1", "16"):
+        assert d["Row"][col] == pytest.approx((10, 10, 10)) and d["Base"][col] == (0, 0, 0)
+    assert d["Row"]["AUP"][1] > 0  # more right at the same speed: more area
+    lo, hi = study.bootstrap(constructed(0, noise=1), "Base", n=500)["Row"]["16"][1:]
+    assert lo < 0 < hi and hi - lo < 4
+    shifted = constructed(0, noise=1)  # the same draws, every row's puzzle half a cell better
+    for r in shifted["Row"]:
+        for col in r["test"].values():
+            col["right"] = [x + (i % 2) for i, x in enumerate(col["right"])]
+    m, lo, hi = study.bootstrap(shifted, "Base", n=500)["Row"]["16"]
+    assert m == pytest.approx(5, abs=1) and lo > 0
