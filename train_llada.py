@@ -801,8 +801,8 @@ def resume_state(d, meta, model, opt, dev):
     state = get_optimizer_state_dict(model, opt)  # the flags' groups, the state to load into
     try:
         p = os.path.join(d, "dcp")
-        quiet = logging.getLogger("torch.distributed.checkpoint")  # it logs a traceback
-        level, quiet.level = quiet.level, logging.CRITICAL  # before raising: ours is one line
+        quiet = logging.getLogger()  # DCP's loader logs a traceback on the root logger before
+        level, quiet.level = quiet.level, logging.CRITICAL  # it raises: ours is one line
         try:
             dcp.load({"state": state["state"]}, storage_reader=(
                 dcp.HuggingFaceStorageReader(p) if SAFE_DCP else dcp.FileSystemReader(p)))

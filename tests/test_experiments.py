@@ -358,3 +358,20 @@ def test_paired_bootstrap_on_a_constructed_difference():
             col["right"] = [x + (i % 2) for i, x in enumerate(col["right"])]
     m, lo, hi = study.bootstrap(shifted, "Base", n=500)["Row"]["16"]
     assert m == pytest.approx(5, abs=1) and lo > 0
+
+
+def test_an_out_or_replot_that_is_not_one_is_one_line(tmp_path, capsys):
+    """--out naming a file (the toy and the notebook), --replot of a JSON with the keys of a
+    results file but not its rows: exit 2, one line, before any work."""
+    afile = tmp_path / "afile"
+    afile.write_text("{}")
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"config": {}, "results": {}}')
+    for main, args, word in [(sudoku.main, ["--out", str(afile)], "a file, not a directory"),
+                             (study.main, [*TINY, "--out", str(afile)], "a file, not a dir"),
+                             (study.main, ["--replot", str(foreign)], "not a study or results")]:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert word in err

@@ -668,6 +668,7 @@ def bad_files(tmp_path, tiny_dir):
 
 
 BAD_VALUES = [
+    (["--out", "{tmp}/list.json"], "a file, not a directory"),
     (["--K", "0"], "--K 0"), (["--train_tokens_per_step", "0"], "--train_tokens_per_step 0"),
     (["--eval_tokens_per_step", "0"], "tokens per step 0"),
     (["--prompts_per_step", "0"], "--prompts_per_step 0"),
@@ -738,7 +739,7 @@ CORRUPTIONS = ["latest ..", "latest absolute", "latest garbage", "meta.json garb
 
 
 @pytest.mark.parametrize("what", CORRUPTIONS)
-def test_corrupt_run_directory(one_process, tiny_dir, tmp_path, capsys, what):
+def test_corrupt_run_directory(one_process, tiny_dir, tmp_path, capsys, caplog, what):
     """A resume (or an evaluation of the run directory) whose files do not read, or whose
     `latest` points outside --out: one line naming the file, exit status 2."""
     out = str(tmp_path / "run")
@@ -752,3 +753,4 @@ def test_corrupt_run_directory(one_process, tiny_dir, tmp_path, capsys, what):
             continue
         assert code == 2 and err[-1].startswith("error: ") and name in err[-1], err
         assert not any("Traceback" in line for line in err), err
+        assert not [r for r in caplog.records if r.exc_info]  # no traceback logged either
