@@ -2,7 +2,7 @@
 4x4 Sudoku on a laptop CPU: when does on-policy self-distillation fix parallel decoding?
 
     python sudoku.py                  # the early regime: Base, Base-Self and COPSD over 3 seeds
-                                      #   (~13 min on 2 cores; a rerun reads its cache: seconds)
+                                      #   (~11 min on 2 cores; a rerun reads its cache: seconds)
     python sudoku.py --regime minimal --methods base,self,copsd,sft,sft+copsd,selfusion,dopsd
     python sudoku.py --solve 1000002000300004  # a puzzle of your own, 0 = blank
 
