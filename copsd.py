@@ -788,9 +788,10 @@ def d3llm_loss(model, ro, mask_id, *, block_length=None, t_min=0.0, t_max=0.8, t
 # function above, one entry here, and its test.
 
 
-def flag(default, help, choices=None):
-    """A config field that is also a command-line flag (parse_config)."""
-    return field(default=default, metadata=dict(help=help, choices=choices))
+def flag(default, help, choices=None, kind=None):
+    """A config field that is also a command-line flag (parse_config); kind: the items' type of
+    a list flag whose default is empty."""
+    return field(default=default, metadata=dict(help=help, choices=choices, kind=kind))
 
 
 @dataclass
@@ -934,8 +935,9 @@ def parse_config(cls, argv=None, description=None):
 def add_flag(ap, f):
     help, choices = f.metadata["help"], f.metadata["choices"]
     if isinstance(f.default, tuple):
-        shown = ",".join(map(str, f.default))
-        kw = dict(type=comma_list(type(f.default[0]), choices), metavar="A,B,...")
+        shown = ",".join(map(str, f.default)) or "none"
+        item = f.metadata.get("kind") or type(f.default[0])
+        kw = dict(type=comma_list(item, choices), metavar="A,B,...")
         if choices:
             help += f" (from: {', '.join(map(str, choices))})"
     else:

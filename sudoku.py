@@ -193,7 +193,8 @@ def decode(model, puzzles, sampler):
         x = prompt
         for _ in range(GEN_LEN):
             x = torch.cat([x, model(x, start=x.shape[1] - 1).argmax(-1)], 1)
-        return x[:, PROMPT_LEN:].cpu().numpy(), *[np.full(len(x), GEN_LEN)] * 2
+        every = np.full(len(x), GEN_LEN)  # all 16 cells, one per call
+        return x[:, PROMPT_LEN:].cpu().numpy(), every, every
     stats = {}
     seq, states = copsd.generate(model, prompt, None, MASK_ID, sampler, record=True, stats=stats)
     cells, calls = copsd.decode_counts(states[:, :, PROMPT_LEN:], stats["forwards"],
@@ -780,7 +781,8 @@ def main(argv=None):
     except (FloatingPointError, CheckpointError) as e:  # diverged; a checkpoint that won't load
         fail(e)
     except SystemExit as e:  # --solve's: a puzzle that is not one, no model to solve it with
-        fail(e.code) if isinstance(e.code, str) else None
+        if isinstance(e.code, str):
+            fail(e.code)
         raise
 
 

@@ -101,10 +101,10 @@ class TrainConfig(copsd.MethodConfig):
                                  "every this many steps of a block (0: at its start only, as "
                                  "Fast-dLLM; README: its price and what it buys)")
     eval_tokens_per_step: tuple = flag((2, 4, 8, 16), "tokens per step in evaluation (Table 1)")
-    eval_threshold: tuple = flag((0.0,), "confidence thresholds of threshold decoding in "
-                                         "evaluation (Fast-dLLM): a column each, with its tokens "
-                                         "per forward, and AUP over them and the 1 token/step "
-                                         "column if asked for (d3LLM's leaderboard); 0 = off")
+    eval_threshold: tuple = flag((), "confidence thresholds of threshold decoding in evaluation "
+                                     "(Fast-dLLM): a column each, with its tokens per forward, "
+                                     "and AUP over them and the 1 token/step column if asked "
+                                     "for (d3LLM's leaderboard)", kind=float)
     eval_batch: int = flag(16, "prompts per rank per forward in evaluation")
     # optimisation
     steps: int = flag(100, "optimiser steps")
@@ -164,8 +164,8 @@ def check(cfg, world, prompts=True):
         (prompts and cfg.task == "gsm8k" and not (cfg.data or cfg.eval_data),
          "--task gsm8k needs --data prompts.jsonl"),
         (cfg.resume and cfg.eval_only, "--resume and --eval_only exclude each other"),
-        *[(not 0 < τ <= 1, f"--eval_threshold {τ:g}: a probability in (0, 1] (or 0 alone: off)")
-          for τ in thresholds(cfg)]] if bad]
+        *[(not 0 < τ <= 1, f"--eval_threshold {τ:g}: a probability in (0, 1]")
+          for τ in cfg.eval_threshold]] if bad]
     if not errors:  # the samplers' own checks, now that what they divide by is in range
         try:
             rollout_sampler(cfg, M.ModelConfig()), prompts and eval_samplers(cfg, M.ModelConfig())
@@ -469,18 +469,13 @@ def rollout_sampler(cfg, mcfg):
     return one.at(cfg.train_tokens_per_step)
 
 
-def thresholds(cfg):
-    """--eval_threshold's thresholds; none for its default 0 (off)."""
-    return () if cfg.eval_threshold in ((), (0,)) else cfg.eval_threshold
-
-
 def eval_samplers(cfg, mcfg):
     """The evaluation's columns, greedy with --eval_cache: {name: Sampler} at each
     --eval_tokens_per_step (Table 1), then one per --eval_threshold (as many tokens per step as
     are confident enough)."""
     greedy = replace(rollout_sampler(cfg, mcfg), temperature=0.0, cache=cfg.eval_cache)
     return {str(n): greedy.at(n) for n in cfg.eval_tokens_per_step} | {
-        f"τ={τ}": replace(greedy.at(cfg.block_length), threshold=τ) for τ in thresholds(cfg)}
+        f"τ={τ}": replace(greedy.at(cfg.block_length), threshold=τ) for τ in cfg.eval_threshold}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -664,14 +659,14 @@ def evaluate(model, mcfg, tok, rows, cfg, dev):
 
 def report(results, cfg, name, step):
     """Print the columns' accuracy and append results.jsonl's record; with --eval_threshold
-    also the AUP (copsd.aup) over every column's (tokens per forward, accuracy in %) point, and
-    those points."""
+    also the AUP (copsd.aup) of its curve (copsd.aup_curve: the 1 token/step and threshold
+    columns' (tokens per forward, accuracy in %) points), and those points."""
     if dist.get_rank() != 0:
         return
     key = "cell_acc" if cfg.task == "sudoku" else "acc"
     rec = dict(model=name, step=step, method=cfg.method,
                results={str(n): r for n, r in results.items()})
-    if thresholds(cfg):
+    if cfg.eval_threshold:
         rec["aup_points"] = copsd.aup_curve(results, key)
         rec["aup"] = copsd.aup(rec["aup_points"])
     print(f"\n{cfg.task}: {key} (%) by tokens per step\n" + "Model / # Tokens".ljust(40)
@@ -801,13 +796,12 @@ def resume_state(d, meta, model, opt, dev):
     state = get_optimizer_state_dict(model, opt)  # the flags' groups, the state to load into
     try:
         p = os.path.join(d, "dcp")
-        quiet = logging.getLogger()  # DCP's loader logs a traceback on the root logger before
-        level, quiet.level = quiet.level, logging.CRITICAL  # it raises: ours is one line
+        logging.disable(logging.CRITICAL)  # DCP's loader logs a traceback before it raises
         try:
             dcp.load({"state": state["state"]}, storage_reader=(
                 dcp.HuggingFaceStorageReader(p) if SAFE_DCP else dcp.FileSystemReader(p)))
         finally:
-            quiet.setLevel(level)
+            logging.disable(logging.NOTSET)
     except (dcp.CheckpointException, Exception) as e:  # the first rank's error, in one line
         e = next(iter(e.failures.values()))[0] if isinstance(e, dcp.CheckpointException) else e
         raise M.CheckpointError(f"{d}/dcp: not this script's optimizer state "

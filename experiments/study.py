@@ -290,8 +290,8 @@ def bootstrap(results, against, n=2000, seed=0):
         return np.stack([acc["1"], acc["16"], aup]), y_max  # (3, draws, S)
 
     base = "Base" if "Base" in results else against
-    (ref, _), (ref0, _) = three(against, draw, three(base, draw)[1]), three(against, every)
     y_max, y_max0 = three(base, draw)[1], three(base, every)[1]
+    ref, ref0 = three(against, draw, y_max)[0], three(against, every, y_max0)[0]
     out = {}
     for row in results:
         d = (three(row, draw, y_max)[0] - ref).mean(-1)  # (3, n): the mean over drawn seeds
