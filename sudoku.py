@@ -12,8 +12,9 @@ validation blanks at 1 token/step, and losing accuracy as more tokens are decode
 LLaDA-8B-Instruct on Sudoku), the paper's premise measured, post-training (every method of
 copsd.METHODS through one loop, on puzzles alone, with the same budget), the default table,
 --solve. Regimes: minimal = unique puzzles with minimal givens, base trained over all mask
-ratios; early = the same puzzles, a base that rarely saw mostly-masked responses (the paper's
-premise by construction); multi = puzzles with 2-4 solutions, scored by validity. The study
+ratios; early = the same puzzles, a base that rarely saw mostly-masked responses (meant to put
+the paper's premise in place; measured, it does not); low = a base never trained above mask
+ratio 0.1 (it does); multi = puzzles with 2-4 solutions, scored by validity. The study
 (every reading, ablation and regime, budgets chosen on validation, the figures) is the lab
 notebook: python -m experiments.study --help.
 """
@@ -254,8 +255,9 @@ class Config(copsd.MethodConfig):
     """the toy (python sudoku.py)"""
     regime: str = flag("early", "minimal: unique minimal puzzles, base trained over all mask "
                                 "ratios; early: a base that rarely saw mostly-masked responses; "
-                                "multi: puzzles with 2-4 solutions, scored by validity",
-                       choices=("minimal", "early", "multi"))
+                                "low: one never trained above mask ratio low_t (the premise "
+                                "measured to hold); multi: puzzles with 2-4 solutions, scored "
+                                "by validity", choices=("minimal", "early", "low", "multi"))
     methods: tuple = flag(("base", "self", "copsd"), "table rows: base (no training), a method, "
                           "or sft+METHOD (SFT, then METHOD)", choices=ROWS)
     seeds: int = flag(3, "seeds; each its own data split, base model and rows (a process each)")
@@ -277,8 +279,9 @@ class Config(copsd.MethodConfig):
                          "of the newest base under --out")
     # the data; the base (~1M parameters) and its pretraining, until base_target validation
     # accuracy at 1 token/step (the early regime draws early_share of its rows' mask ratios from
-    # U(0, early_t), the rest from U(0, 1)); OPDLM's own budget (its student starts as a
-    # next-token predictor); the premise measurement's prompts and completions per prompt
+    # U(0, early_t), the rest from U(0, 1); the low regime draws every one from U(0, low_t), and
+    # never reaches the target: it trains pretrain_max_steps); OPDLM's own budget (its student
+    # starts as a next-token predictor); the premise measurement's prompts and completions
     n_pretrain: int = 4000
     n_distill: int = 2000
     n_test: int = 256
@@ -296,6 +299,7 @@ class Config(copsd.MethodConfig):
     eval_every: int = 50
     early_t: float = 0.6
     early_share: float = 0.8
+    low_t: float = 0.1
     pretrain_t: float = 0.0  # > 0: every pretraining row at this mask ratio (the ceiling: 1)
     opdlm_lr: float = 3e-4
     opdlm_steps: int = 400
@@ -381,7 +385,7 @@ PRETRAIN_FIELDS = ["regime", "most_solutions", "n_pretrain", "n_distill", "n_tes
                    "n_layers", "n_heads", "mlp_hidden_size", "pretrain_lr", "pretrain_warmup",
                    "pretrain_decay", "pretrain_batch",
                    "base_target", "pretrain_max_steps", "eval_every", "early_t", "early_share",
-                   "pretrain_t"]
+                   "low_t", "pretrain_t"]
 
 
 def optimiser_step(model, opt, loss, step):
@@ -409,7 +413,9 @@ def pretrain(cfg, seed, causal=False, budget=None):
     """The base MDM (LLaDA's loss, Eq. 3) of the regime, trained until the validation target
     (blank-cell accuracy at 1 token/step). The early regime draws most rows' mask ratio from
     U(0, early_t): a stand-in for an instruct model whose fine-tuning rarely saw a mostly masked
-    response, so its first decoding steps are worse than its later ones by construction.
+    response (measured: its early steps are no worse than minimal's, relative to its later
+    ones); the low regime draws every row's from U(0, low_t): a base that never saw one, whose
+    early steps are (its self-consistency gap is over 3x minimal's).
     causal=True: OPDLM's autoregressive teacher of the same architecture (next-token loss on
     the response) for `budget` steps. Returns the checkpoint's path."""
     key = digest(seed, causal, [getattr(cfg, f) for f in PRETRAIN_FIELDS], device=cfg.device)
@@ -438,10 +444,12 @@ def pretrain(cfg, seed, causal=False, budget=None):
             t = None
             if cfg.pretrain_t:
                 t = torch.full((n,), cfg.pretrain_t, device=dev)
-            elif cfg.regime == "early":
+            elif cfg.regime in ("early", "low"):
+                top, share = ((cfg.early_t, cfg.early_share) if cfg.regime == "early" else
+                              (cfg.low_t, 1.0))
                 u, low = (torch.rand(n, generator=g, device=dev),
-                          torch.rand(n, generator=g, device=dev) < cfg.early_share)
-                t = eps + u * torch.where(low, cfg.early_t - eps, 1 - eps)
+                          torch.rand(n, generator=g, device=dev) < share)
+                t = eps + u * torch.where(low, top - eps, 1 - eps)
             loss, _ = copsd.mdm_loss(model, copsd.Rollout(batch, None, PROMPT_LEN), MASK_ID,
                                      generator=g, t=t)
         optimiser_step(model, opt, loss,

@@ -650,3 +650,53 @@ def test_solve_without_model_is_one_line(tmp_path):
     r = run_cli("--solve", "0321003004002100", "--out", str(tmp_path / "none"), timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("regime", ["minimal", "early", "low", "multi"])
+def test_each_regime_pretrains_on_its_puzzles_and_mask_ratios(regime, tmp_path, monkeypatch):
+    """The regimes' bases as specified: minimal, multi and the ceiling through the MDM loss's own
+    t ~ U(0, 1); early: early_share of the rows from U(0, early_t); low (the premise regime):
+    every row from U(0, low_t), on minimal's very puzzles; multi: puzzles of 2-4 solutions."""
+    drawn = []
+    loss = copsd.mdm_loss
+
+    def spy(*args, t=None, **kw):
+        drawn.append(t)
+        return loss(*args, t=t, **kw)
+    monkeypatch.setattr(copsd, "mdm_loss", spy)
+    cfg = sudoku.Config(**TINY | dict(pretrain_max_steps=30, eval_every=1000, pretrain_batch=64),
+                        regime=regime, out=str(tmp_path))
+    sudoku.pretrain(cfg, 0)
+    assert len(drawn) == 30  # no validation check before the end: every step trained
+    if regime in ("minimal", "multi"):
+        assert all(t is None for t in drawn)
+    else:
+        t = torch.cat(drawn)
+        top = cfg.early_t if regime == "early" else cfg.low_t
+        share = (t <= top).float().mean().item()
+        if regime == "low":
+            assert t.max() <= cfg.low_t and t.min() > 0 and share == 1
+        else:
+            assert t.max() > cfg.early_t and 0.89 <= share <= 0.95  # 0.8 + 0.2 x 0.6 = 0.92
+    data = sudoku.regime_data(cfg, 0)
+    same = sudoku.regime_data(dataclasses.replace(cfg, regime="minimal"), 0)
+    counts = [len(sudoku.solutions(p)) for p in data["test"][0]]
+    if regime == "multi":
+        assert min(counts) >= 2 and max(counts) <= cfg.most_solutions
+    else:
+        assert all(np.array_equal(data[k][0], same[k][0]) for k in sudoku.SPLITS)
+        assert set(counts) == {1}
+    drawn.clear()  # the ceiling: every row at mask ratio 1
+    sudoku.pretrain(dataclasses.replace(cfg, pretrain_t=1.0), 0)
+    assert all((t == 1).all() for t in drawn)
+
+
+def test_pretraining_schedule_warms_up_then_decays_by_a_cosine():
+    """lr_factor: linear warm-up to the peak over pretrain_warmup steps, a cosine to
+    pretrain_decay at pretrain_max_steps, flat after; the defaults (0, 1): constant."""
+    cfg = sudoku.Config(pretrain_warmup=10, pretrain_decay=0.1, pretrain_max_steps=110)
+    f = [sudoku.lr_factor(cfg, s) for s in range(130)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == 1.0
+    assert f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1) and f[129] == f[110]
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # decreasing after the warm-up
+    assert {sudoku.lr_factor(sudoku.Config(), s) for s in range(0, 5000, 7)} == {1.0}
