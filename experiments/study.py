@@ -18,6 +18,7 @@ that choice; the tables and five figures.
 """
 
 import dataclasses
+import gzip
 import json
 import os
 import time
@@ -53,9 +54,10 @@ class StudyConfig(sudoku.Config):
     study_lrs: tuple = flag((1e-5, 3e-5, 1e-4), "--study: the learning rates to choose from")
     study_steps: int = flag(240, "--study: the learning curves' length, the longest budget it "
                                  "can choose")
-    study_regimes: tuple = flag(("minimal", "early", "multi"), "--study: the regimes (each is "
-                                "independent: split a study over machines, then run it whole "
-                                "from the merged cache)", choices=("minimal", "early", "multi"))
+    study_regimes: tuple = flag(("minimal", "early", "low", "multi"), "--study: the regimes "
+                                "(each is independent: split a study over machines, then run "
+                                "it whole from the merged cache)",
+                                choices=("minimal", "early", "low", "multi"))
     replot: str = flag("", "redraw the figures of this study JSON (or the learning curves of "
                            "these results JSONs, comma-separated) and exit")
     curve_every: int = flag(0, "validation accuracy at 1 and 16 tokens/step every this many "
@@ -71,6 +73,8 @@ class StudyConfig(sudoku.Config):
     recipes: bool = flag(False, "pretrain the bases of --study_regimes x --seeds with each base "
                                 "recipe and premise candidate of the grid (RECIPES, PREMISES): "
                                 "steps to the target, FLOPs, validation accuracy, the premise gap")
+    premise_rows: bool = flag(False, "--study: only the rows of the premise's test (Base-Self, "
+                                     "COPSD in each reading, dParallel): no figures")
     ceiling_device: str = flag("cpu", "where the ceiling trains and is scored (cuda: one GPU "
                                       "for its long pretraining; cached apart)",
                                choices=("cpu", "cuda"))
@@ -99,6 +103,7 @@ class StudyConfig(sudoku.Config):
                                            "regime draws it; the ceiling's is 1)")
     early_share: float = flag(D.early_share, "early regime: the share of pretraining rows with "
                                              "t ~ U(0, early_t) (the rest: U(0, 1))")
+    low_t: float = flag(D.low_t, "low regime: every pretraining mask ratio is t ~ U(0, low_t)")
     opdlm_lr: float = flag(D.opdlm_lr, "OPDLM's learning rate (its student starts as a "
                                        "next-token predictor)")
     opdlm_steps: int = flag(D.opdlm_steps, "OPDLM's own budget (its conversion from an AR model "
@@ -164,16 +169,36 @@ def ceiling(cfg):
                                pretrain_max_steps=cfg.ceiling_steps)
 
 
-# the base recipes tried (--recipes): the old one (constant 1e-3, batch 128), then peak learning
-# rate x batch x schedule (warm-up 30, cosine to a tenth over 300 or 600 steps)
+# the base recipes tried (--recipes): the old one (constant 1e-3, batch 128); peak learning rate
+# x batch x schedule (warm-up 30, cosine to a tenth over 300 or 600 steps); then warm-up 50,
+# cosine to a tenth over 250 or 500 steps, validation every 25 steps
 RECIPES = {"constant 1e-3, 128": {}} | {
     f"{lr:g}, {b}, cos {h}": dict(pretrain_lr=lr, pretrain_batch=b, pretrain_warmup=30,
                                   pretrain_decay=0.1, pretrain_max_steps=h)
-    for lr in (2e-3, 4e-3) for b in (64, 128) for h in (300, 600)}
+    for lr in (2e-3, 4e-3) for b in (64, 128) for h in (300, 600)} | {
+    f"{lr:g}, {b}, w50 cos {h}": dict(pretrain_lr=lr, pretrain_batch=b, pretrain_warmup=50,
+                                      pretrain_decay=0.1, pretrain_max_steps=h, eval_every=25)
+    for lr in (1e-3, 2e-3, 3e-3) for b in (64, 128, 256) for h in (250, 500)} | {
+    # constant again (a cosine slows the plateau's end), validation every 25 steps; then
+    # smaller models at the old recipe
+    f"constant {lr:g}, {b}" + (f", w{w}" if w else ""): dict(
+        pretrain_lr=lr, pretrain_batch=b, pretrain_warmup=w, eval_every=25)
+    for lr, b, w in ((1e-3, 64, 0), (7e-4, 64, 0), (1.5e-3, 64, 20), (1e-3, 96, 0),
+                     (1e-3, 128, 0), (1.5e-3, 128, 20), (2e-3, 128, 20))} | {
+    f"constant 1e-3, {b}, {name}": dict(pretrain_batch=b, eval_every=25, **size)
+    for name, size in (("d96", dict(d_model=96, mlp_hidden_size=384)),
+                       ("3 layers", dict(n_layers=3)), ("mlp 256", dict(mlp_hidden_size=256)))
+    for b in (64, 128)}
 # the premise's candidates (--recipes, regime early): a base never trained above a mask ratio,
 # or one under-trained at high mask ratios (stopped before the target)
 PREMISES = {"early: t ~ U(0, 0.5) only": dict(early_t=0.5, early_share=1.0),
             "early: t ~ U(0, 0.3) only": dict(early_t=0.3, early_share=1.0),
+            "early: t ~ U(0, 0.2) only": dict(early_t=0.2, early_share=1.0),
+            "early: t ~ U(0, 0.2) only, 2000 steps": dict(early_t=0.2, early_share=1.0,
+                                                          pretrain_max_steps=2000),
+            "early: t ~ U(0, 0.15) only": dict(early_t=0.15, early_share=1.0),
+            "early: t ~ U(0, 0.1) only": dict(early_t=0.1, early_share=1.0),
+            "early: 95% t ~ U(0, 0.4)": dict(early_t=0.4, early_share=0.95),
             "early, stopped at 80%": dict(base_target=0.8),
             "early, 300 steps": dict(base_target=1.0, pretrain_max_steps=300)}
 
@@ -188,7 +213,8 @@ def recipes(cfg):
              for name, flags in PREMISES.items()}
     done = parallel({(name, r, s): (base_row, c, s) for (name, r), c in runs.items()
                      for s in range(cfg.seeds)}, cfg.workers, "bases")
-    fwd = M.forward_flops(sudoku.model_config(cfg), 1, 2 * sudoku.GEN_LEN, head=sudoku.GEN_LEN)
+    def fwd(c):  # one row's forward, the head on the response
+        return M.forward_flops(sudoku.model_config(c), 1, 2 * sudoku.GEN_LEN, head=sudoku.GEN_LEN)
     print("\n| recipe | regime | steps per seed | reached | TFLOP | val 1 | val 16 | gap |\n"
           "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
     for (name, r), c in runs.items():
@@ -197,7 +223,7 @@ def recipes(cfg):
         val = {n: 100 * np.mean([row["val"][n]["cell_acc"] for row in rows]) for n in ("1", "16")}
         print(f"| {name} | {r} | {', '.join(map(str, steps))} | "
               f"{sum(x < c.pretrain_max_steps for x in steps)}/{len(steps)} | "
-              f"{3 * fwd * c.pretrain_batch * np.mean(steps) / 1e12:.1f} | {val['1']:.1f} | "
+              f"{3 * fwd(c) * c.pretrain_batch * np.mean(steps) / 1e12:.1f} | {val['1']:.1f} | "
               f"{val['16']:.1f} | {np.mean([row['premise'] for row in rows]):.4f} |")
     return done
 
@@ -370,22 +396,40 @@ def chosen(regimes, cfg, runs, names):
 
 
 def load(path):
-    """A study's or a run's saved JSON: (its config, its results); a one-line error if not."""
+    """A study's or a run's saved JSON (or .json.gz): (its config, its results); a one-line
+    error if not."""
     try:
-        with open(path) as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
             saved = json.load(f)
         return saved["config"], saved["results"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         sudoku.fail(f"--replot {path}: not a study or results JSON ({e})")
 
 
+def study_tables(results):
+    """A study's tables, each regime's: every method at its own choice, then at the shared one
+    (results: {regime: dict(lr, steps, own, table, shared_table)})."""
+    for r, res in results.items():
+        cols = list(res["table"]["Base"][0]["test"])
+        print(f"\n=== regime {r}: each method at its own choice on validation ===")
+        print("\n".join(f"{name}: lr {c['lr']:g}, {c['steps']} steps"
+                        for name, c in res["own"].items()))
+        tables(res["table"], cols, r)
+        print(f"\n=== regime {r}: all at the shared choice of Table 1's rows: lr "
+              f"{res['lr']:g}, {res['steps']} steps ===")
+        tables(res["shared_table"], cols, r)
+
+
 def replot(paths):
-    """A study JSON's five figures (into figures/ beside it), or the tables, learning curves
+    """A study JSON's tables and five figures (into figures/ beside it), or the tables, curves
     and accuracy-parallelism curves of one or more results JSONs (comma-separated: a panel
     each, beside the first: .png and -aup.png, or parallelism.png for several)."""
     saved = {path: load(path) for path in paths.split(",")}
     (config, results), first = next(iter(saved.values())), next(iter(saved))
     if len(saved) == 1 and all(isinstance(v, dict) and "table" in v for v in results.values()):
+        study_tables(results)
+        if any(set(MAIN | RELATED) - set(v["table"]) for v in results.values()):
+            return print("\nno figures: they need every row (this study ran --premise_rows)")
         return figures.plot(results, os.path.join(os.path.dirname(first), "figures"),
                             config["s"], config["sweep_s"], list(MAIN), list(OTHER))
     regimes = [c["regime"] for c, _ in saved.values()]
@@ -411,6 +455,8 @@ def study(cfg):
                for r in cfg.study_regimes}
     seeds, rows, rest = range(cfg.seeds), MAIN | RELATED, ABLATIONS | sweep(cfg) | {
         sudoku.label("opdlm"): (["opdlm"], {})}
+    if cfg.premise_rows:
+        rows, rest = MAIN | {"dParallel": RELATED["dParallel"]}, {}
     n_runs = len(regimes) * cfg.seeds * (len(rows) * len(cfg.study_lrs) + len(rest))
     print(f"the study: {len(regimes)} regimes x {cfg.seeds} seeds, {n_runs} runs of up to "
           f"{cfg.steps} steps (OPDLM {cfg.opdlm_steps}); estimated "
@@ -419,6 +465,8 @@ def study(cfg):
     parallel({(r, s): (sudoku.pretrain, c, s) for r, c, s in every}, cfg.workers, "bases",
              bars=True)
     bases = parallel({(r, s): (base_row, c, s) for r, c, s in every}, cfg.workers, "premise")
+    ceilings = parallel({(r, s): (base_row, ceiling(c), s) for r, c, s in every if cfg.ceiling},
+                        cfg.workers, "ceilings")
     runs = parallel({(r, lr, name, s): (run_row, dataclasses.replace(c, lr=lr), s, *spec, True)
                      for r, c in regimes.items() for lr in cfg.study_lrs
                      for name, spec in rows.items() for s in seeds}, cfg.workers,
@@ -439,23 +487,17 @@ def study(cfg):
             return {name: [dict(runs[(r, (own[(r, name)] if w == "own" else shared[r])["lr"],
                                       name, s)], test=tests[(r, name, s, w)]) for s in seeds]
                     for name in rows}
-        base = {"Base": [bases[(r, s)] for s in seeds]}
+        base = {"Base": [bases[(r, s)] for s in seeds]} | (
+            {CEILING: [ceilings[(r, s)] for s in seeds]} if cfg.ceiling else {})
         rest_rows = {name: [others[(r, name, s)] for s in seeds] for name in rest}
         results[r] = dict(shared[r], own={name: own[(r, name)] for name in rows},
                           table=base | at_choice("own") | rest_rows,
                           shared_table=base | at_choice("shared") | rest_rows)
-        print(f"\n=== regime {r}: each method at its own choice on validation ===")
-        print("\n".join(f"{name}: lr {own[(r, name)]['lr']:g}, {own[(r, name)]['steps']} steps"
-                        for name in rows))
-        tables(results[r]["table"], list(cfg.columns()), r)
-        print(f"\n=== regime {r}: all at the shared choice of Table 1's rows: lr "
-              f"{shared[r]['lr']:g}, {shared[r]['steps']} steps ===")
-        tables(results[r]["shared_table"], list(cfg.columns()), r)
     path = os.path.join(cfg.out, "study.json")
     sudoku.atomic_json(path, dict(config=dataclasses.asdict(cfg), results=results))
-    replot(path)
-    print(f"\nwall time {(time.time() - t0) / 3600:.2f} h; results in {path}, figures in "
-          f"{cfg.out}/figures")
+    replot(path)  # the tables and figures, from the JSON
+    print(f"\nwall time {(time.time() - t0) / 3600:.2f} h; results in {path}"
+          + ("" if cfg.premise_rows else f", figures in {cfg.out}/figures"))
     return results
 
 
@@ -476,8 +518,9 @@ def check(cfg):
          f"--most_solutions {cfg.most_solutions}: the multi regime needs >= 2"),
         (not all(0 < r < float("inf") for r in rates),
          f"learning rates {rates} (--pretrain_lr, --opdlm_lr, --study_lrs): need finite, > 0"),
-        (not (0 < cfg.base_target <= 1 and 0 < cfg.early_t <= 1 and 0 <= cfg.early_share <= 1),
-         "need 0 < --base_target <= 1, 0 < --early_t <= 1 and 0 <= --early_share <= 1"),
+        (not (0 < cfg.base_target <= 1 and 0 < cfg.early_t <= 1 and 0 <= cfg.early_share <= 1
+              and 0 < cfg.low_t <= 1), "need 0 < --base_target <= 1, 0 < --early_t <= 1, "
+         "0 < --low_t <= 1 and 0 <= --early_share <= 1"),
         ((cfg.study or cfg.s_sweep) and not all(0 <= s < cfg.t for s in cfg.sweep_s),
          f"--sweep_s {','.join(map(str, cfg.sweep_s))}: each s/T in [0, --t {cfg.t})"),
         (cfg.curve_every < 0, f"--curve_every {cfg.curve_every}: need >= 0 (0: off)"),

@@ -4,6 +4,7 @@ from its JSON, faults (bad values, a killed worker, corrupt cache entries, diver
 
 import dataclasses
 import glob
+import gzip
 import hashlib
 import json
 import os
@@ -161,23 +162,26 @@ def digests(folder):
 
 
 def test_study_end_to_end(tmp_path):
-    """--study on a tiny configuration: every regime and row, each method's budget and learning
-    rate chosen as the argmax of its own validation curves, the shared one of Table 1's rows,
-    test scores at each, the figures (redrawn, byte for byte, from the study's JSON alone)."""
+    """--study on a tiny configuration: every regime and row (the ceiling too), each method's
+    budget and learning rate chosen as the argmax of its own validation curves, the shared one
+    of Table 1's rows, test scores at each, the figures (redrawn, byte for byte, from the
+    study's JSON alone)."""
     args = [*TINY_MODEL, "--study", "--seeds", "1", "--study_steps", "4", "--curve_every", "2",
-            "--opdlm_steps", "4", "--study_lrs", "1e-4,3e-4", "--workers", "2"]
+            "--opdlm_steps", "4", "--study_lrs", "1e-4,3e-4", "--workers", "2", "--ceiling",
+            "--ceiling_steps", "10"]
     r = run_cli(*args, "--out", str(tmp_path), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "estimated" in r.stdout.splitlines()[0]
     res = json.load(open(os.path.join(tmp_path, "study.json")))["results"]
-    assert list(res) == ["minimal", "early", "multi"]
+    assert list(res) == ["minimal", "early", "low", "multi"]
     for regime, got in res.items():
         best = max(got["choice"], key=lambda c: c["val"])
         assert (got["lr"], got["steps"]) == (best["lr"], best["step"])
         assert {c["step"] for c in got["choice"]} == {2, 4} and len(got["choice"]) == 4
         table = got["table"]
-        assert {"Base", "COPSD", "COPSD (later, forward)", "SFT + COPSD", "COPSD with Z", "OPDLM",
-                "COPSD s/T=0.1"} <= set(table)
+        assert {"Base", study.CEILING, "COPSD", "COPSD (later, forward)", "SFT + COPSD",
+                "COPSD with Z", "OPDLM", "COPSD s/T=0.1"} <= set(table)
+        assert table[study.CEILING][0]["steps"] == 10  # at mask ratio 1, no early stop
         for row, runs in table.items():
             assert all(0 <= runs[0]["test"][n]["cell_acc"] <= 1 for n in ("1", "16")), row
         # the shared point's validation score is the mean over the Table 1 rows of their curves
@@ -210,6 +214,29 @@ def test_study_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.load(open(os.path.join(tmp_path, "study.json")))["results"]
     assert list(again) == ["early"] and again["early"] == res["early"]
+
+
+def test_the_premise_rows_study_and_its_replot_from_gzip(tmp_path):
+    """--study --premise_rows: the low regime's premise test alone (Base, the ceiling, Table 1's
+    rows, dParallel; no Table 4, Figure 3 or OPDLM rows, no figures); its JSON, gzipped, replots
+    to the same tables."""
+    args = [*TINY_MODEL, "--study", "--premise_rows", "--study_regimes", "low", "--seeds", "1",
+            "--study_steps", "2", "--curve_every", "2", "--study_lrs", "1e-4", "--ceiling",
+            "--ceiling_steps", "4", "--workers", "2", "--out", str(tmp_path)]
+    r = run_cli(*args, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.load(open(os.path.join(tmp_path, "study.json")))["results"]
+    assert list(res) == ["low"]
+    assert list(res["low"]["table"]) == ["Base", study.CEILING, *study.MAIN, "dParallel"]
+    assert set(res["low"]["own"]) == {*study.MAIN, "dParallel"}
+    assert "no figures" in r.stdout and not os.path.exists(os.path.join(tmp_path, "figures"))
+    packed = os.path.join(tmp_path, "study.json.gz")
+    with open(os.path.join(tmp_path, "study.json"), "rb") as f, gzip.open(packed, "wb") as g:
+        g.write(f.read())
+    again = run_cli("--replot", packed, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    tables = r.stdout[r.stdout.index("=== regime low"):r.stdout.index("no figures")]
+    assert tables in again.stdout
 
 
 def copied(smoke, dest, drop=()):
