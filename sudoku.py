@@ -239,6 +239,7 @@ def evaluate(model, split, cols, batch=512):
 # the regimes and the configuration: the flags are what a reader varies here; the other fields
 # are flags of the lab notebook (experiments/)
 
+REGIMES = ("minimal", "early", "low", "multi")
 ROWS = ("base", *copsd.METHODS, "sft+self", "sft+copsd")  # --methods: a method, or SFT then it
 
 
@@ -257,7 +258,7 @@ class Config(copsd.MethodConfig):
                                 "ratios; early: a base that rarely saw mostly-masked responses; "
                                 "low: one never trained above mask ratio low_t (the premise "
                                 "measured to hold); multi: puzzles with 2-4 solutions, scored "
-                                "by validity", choices=("minimal", "early", "low", "multi"))
+                                "by validity", choices=REGIMES)
     methods: tuple = flag(("base", "self", "copsd"), "table rows: base (no training), a method, "
                           "or sft+METHOD (SFT, then METHOD)", choices=ROWS)
     seeds: int = flag(3, "seeds; each its own data split, base model and rows (a process each)")
@@ -409,6 +410,21 @@ def lr_factor(cfg, step):
     return cfg.pretrain_decay + (1 - cfg.pretrain_decay) * (1 + math.cos(math.pi * done)) / 2
 
 
+def mask_ratios(cfg, n, generator, eps=1e-3):
+    """The mask ratio t of each of n pretraining rows, (n,), or None for the MDM loss's own
+    t ~ U(0, 1) (minimal, multi): the ceiling's all at pretrain_t; early: early_share of them
+    from U(0, early_t), the rest from U(0, 1); low: every one from U(0, low_t)."""
+    dev = generator.device
+    if cfg.pretrain_t:
+        return torch.full((n,), cfg.pretrain_t, device=dev)
+    if cfg.regime not in ("early", "low"):
+        return None
+    top, share = (cfg.early_t, cfg.early_share) if cfg.regime == "early" else (cfg.low_t, 1.0)
+    u, below = (torch.rand(n, generator=generator, device=dev),
+                torch.rand(n, generator=generator, device=dev) < share)
+    return eps + u * torch.where(below, top - eps, 1 - eps)
+
+
 def pretrain(cfg, seed, causal=False, budget=None):
     """The base MDM (LLaDA's loss, Eq. 3) of the regime, trained until the validation target
     (blank-cell accuracy at 1 token/step). The early regime draws most rows' mask ratio from
@@ -430,7 +446,7 @@ def pretrain(cfg, seed, causal=False, budget=None):
     puzzles, sols = data["pretrain"]
     seq = torch.cat([encode_prompt(puzzles, dev), torch.as_tensor(sols, device=dev)], 1)
     g = torch.Generator(dev).manual_seed(seed)
-    acc, n, eps = 0.0, cfg.pretrain_batch, 1e-3
+    acc, n = 0.0, cfg.pretrain_batch
     what = "AR teacher" if causal else f"base, until {cfg.base_target:.0%} on validation"
     progress = bar(range(1, (budget or cfg.pretrain_max_steps) + 1), desc=f"seed {seed}: {what}")
     for step in progress:
@@ -441,17 +457,8 @@ def pretrain(cfg, seed, causal=False, budget=None):
             loss = F.cross_entropy(rearrange(logits, "b l v -> (b l) v"),
                                    batch[:, PROMPT_LEN:].flatten())
         else:
-            t = None
-            if cfg.pretrain_t:
-                t = torch.full((n,), cfg.pretrain_t, device=dev)
-            elif cfg.regime in ("early", "low"):
-                top, share = ((cfg.early_t, cfg.early_share) if cfg.regime == "early" else
-                              (cfg.low_t, 1.0))
-                u, low = (torch.rand(n, generator=g, device=dev),
-                          torch.rand(n, generator=g, device=dev) < share)
-                t = eps + u * torch.where(low, top - eps, 1 - eps)
             loss, _ = copsd.mdm_loss(model, copsd.Rollout(batch, None, PROMPT_LEN), MASK_ID,
-                                     generator=g, t=t)
+                                     generator=g, t=mask_ratios(cfg, n, g))
         optimiser_step(model, opt, loss,
                        f"{step} of seed {seed}'s {'AR teacher' if causal else 'base'}")
         schedule.step()

@@ -54,10 +54,9 @@ class StudyConfig(sudoku.Config):
     study_lrs: tuple = flag((1e-5, 3e-5, 1e-4), "--study: the learning rates to choose from")
     study_steps: int = flag(240, "--study: the learning curves' length, the longest budget it "
                                  "can choose")
-    study_regimes: tuple = flag(("minimal", "early", "low", "multi"), "--study: the regimes "
-                                "(each is independent: split a study over machines, then run "
-                                "it whole from the merged cache)",
-                                choices=("minimal", "early", "low", "multi"))
+    study_regimes: tuple = flag(sudoku.REGIMES, "--study: the regimes (each is independent: "
+                                "split a study over machines, then run it whole from the "
+                                "merged cache)", choices=sudoku.REGIMES)
     replot: str = flag("", "redraw the figures of this study JSON (or the learning curves of "
                            "these results JSONs, comma-separated) and exit")
     curve_every: int = flag(0, "validation accuracy at 1 and 16 tokens/step every this many "
@@ -459,14 +458,15 @@ def study(cfg):
         rows, rest = MAIN | {"dParallel": RELATED["dParallel"]}, {}
     n_runs = len(regimes) * cfg.seeds * (len(rows) * len(cfg.study_lrs) + len(rest))
     print(f"the study: {len(regimes)} regimes x {cfg.seeds} seeds, {n_runs} runs of up to "
-          f"{cfg.steps} steps (OPDLM {cfg.opdlm_steps}); estimated "
+          f"{cfg.steps} steps" + ("" if cfg.premise_rows else f" (OPDLM {cfg.opdlm_steps})")
+          + "; estimated "
           f"{estimate(cfg, n_runs) / 3600:.1f} h on {cfg.workers} worker(s)")
     every = [(r, c, s) for r, c in regimes.items() for s in seeds]
     parallel({(r, s): (sudoku.pretrain, c, s) for r, c, s in every}, cfg.workers, "bases",
              bars=True)
     bases = parallel({(r, s): (base_row, c, s) for r, c, s in every}, cfg.workers, "premise")
-    ceilings = parallel({(r, s): (base_row, ceiling(c), s) for r, c, s in every if cfg.ceiling},
-                        cfg.workers, "ceilings")
+    ceilings = parallel({(r, s): (base_row, ceiling(c), s) for r, c, s in every},
+                        cfg.workers, "ceilings") if cfg.ceiling else {}
     runs = parallel({(r, lr, name, s): (run_row, dataclasses.replace(c, lr=lr), s, *spec, True)
                      for r, c in regimes.items() for lr in cfg.study_lrs
                      for name, spec in rows.items() for s in seeds}, cfg.workers,
