@@ -700,3 +700,34 @@ def test_pretraining_schedule_warms_up_then_decays_by_a_cosine():
     assert f[60] == pytest.approx(0.55) and f[110] == pytest.approx(0.1) and f[129] == f[110]
     assert all(a >= b for a, b in zip(f[10:], f[11:]))  # decreasing after the warm-up
     assert {sudoku.lr_factor(sudoku.Config(), s) for s in range(0, 5000, 7)} == {1.0}
+
+
+@pytest.mark.parametrize("regime", ["minimal", "early", "low"])
+def test_stratified_mask_ratios_cover_the_batch_evenly_with_each_rows_distribution(regime):
+    """pretrain_stratified: the batch's uniforms lie one in each of n equal intervals (minimal:
+    t itself), each row's t keeps the regime's range and share; off: the default draws, bit for
+    bit (minimal: none, the MDM loss draws its own)."""
+    n, eps = 256, 1e-3
+    cfg = sudoku.Config(regime=regime, pretrain_stratified=True)
+    t = sudoku.mask_ratios(cfg, n, torch.Generator().manual_seed(0))
+    assert t.shape == (n,) and t.min() >= eps and t.max() <= 1
+    if regime == "minimal":
+        u = (t - eps) / (1 - eps)
+        assert torch.equal(torch.sort((u * n).floor().long()).values, torch.arange(n))
+    elif regime == "low":
+        assert t.max() <= cfg.low_t
+        u = (t - eps) / (cfg.low_t - eps)
+        assert torch.equal(torch.sort((u * n).floor().long()).values, torch.arange(n))
+    else:
+        assert 0.85 <= (t <= cfg.early_t).float().mean() <= 0.99 and t.max() > cfg.early_t
+    plain = sudoku.Config(regime=regime)
+    again = sudoku.mask_ratios(plain, n, torch.Generator().manual_seed(0))
+    if regime == "minimal":
+        assert again is None
+    else:
+        g = torch.Generator().manual_seed(0)
+        u, below = torch.rand(n, generator=g), torch.rand(n, generator=g)
+        top, share = ((plain.early_t, plain.early_share) if regime == "early"
+                      else (plain.low_t, 1.0))
+        want = eps + u * torch.where(below < share, top - eps, 1 - eps)
+        assert torch.equal(again, want) and not torch.equal(again, t)
