@@ -90,8 +90,12 @@ def plot(results, out_dir, s, sweep_s, main, other):
     os.makedirs(out_dir, exist_ok=True)
     hues = [pyplot().cm.tab20(j) for j in [*range(0, 20, 2), *range(1, 20, 2)]]
     color = dict(zip(["Base", *main, *other], hues))
-    panels = {f"{r} (lr {res['lr']}, {res['steps']} steps)": res["table"]
-              for r, res in results.items()}
+    # a study that chose per method: every row at its own choice, but Figure 3 (its s/T rows
+    # ran at the shared choice) with COPSD at the shared one too
+    shared = {f"{r} (lr {res['lr']}, {res['steps']} steps)": res["table"] | res.get(
+        "shared_table", {}) for r, res in results.items()}
+    panels = {f"{r} (each row at its own choice)" if "own" in res else title: res["table"]
+              for title, (r, res) in zip(shared, results.items())}
     ns = [int(n) for n in next(iter(results.values()))["table"]["Base"][0]["test"] if "τ" not in n]
     acc, tokens = "blank cells correct (%)", "tokens per step"
     for name, draw, ylabel, xlabel, log_ns in [
@@ -107,7 +111,8 @@ def plot(results, out_dir, s, sweep_s, main, other):
              "calibration distance d (5-step mean)", "post-training step", None),
             ("figure3.png", functools.partial(s_sweep, s=s, sweep_s=sweep_s), acc,
              "s/T (t/T = 0.9); gray: Base", None)]:
-        figure(os.path.join(out_dir, name), panels, draw, xlabel, ylabel, log_ns)
+        figure(os.path.join(out_dir, name), shared if name == "figure3.png" else panels, draw,
+               xlabel, ylabel, log_ns)
 
 
 def curve_lines(ax, results):

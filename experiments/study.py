@@ -57,8 +57,9 @@ class StudyConfig(sudoku.Config):
     study_regimes: tuple = flag(sudoku.REGIMES, "--study: the regimes (each is independent: "
                                 "split a study over machines, then run it whole from the "
                                 "merged cache)", choices=sudoku.REGIMES)
-    replot: str = flag("", "redraw the figures of this study JSON (or the learning curves of "
-                           "these results JSONs, comma-separated) and exit")
+    replot: str = flag("", "print the tables and redraw the figures of these study JSONs "
+                           "(comma-separated: their regimes merged), or the learning curves of "
+                           "these results JSONs, and exit")
     curve_every: int = flag(0, "validation accuracy at 1 and 16 tokens/step every this many "
                                "post-training steps (learning curves; --study: 20); 0 = off")
     cache: str = flag("none", "K/V cache in evaluation (one block of 16: prefix and dual are "
@@ -72,6 +73,8 @@ class StudyConfig(sudoku.Config):
     recipes: bool = flag(False, "pretrain the bases of --study_regimes x --seeds with each base "
                                 "recipe and premise candidate of the grid (RECIPES, PREMISES): "
                                 "steps to the target, FLOPs, validation accuracy, the premise gap")
+    recipe_filter: str = flag("", "--recipes: only the recipes and premise candidates whose "
+                                  "name contains this")
     premise_rows: bool = flag(False, "--study: only the rows of the premise's test (Base-Self, "
                                      "COPSD in each reading, dParallel): no figures")
     ceiling_device: str = flag("cpu", "where the ceiling trains and is scored (cuda: one GPU "
@@ -103,6 +106,8 @@ class StudyConfig(sudoku.Config):
     early_share: float = flag(D.early_share, "early regime: the share of pretraining rows with "
                                              "t ~ U(0, early_t) (the rest: U(0, 1))")
     low_t: float = flag(D.low_t, "low regime: every pretraining mask ratio is t ~ U(0, low_t)")
+    pretrain_stratified: bool = flag(D.pretrain_stratified, "a pretraining batch's mask ratios "
+                                     "stratified: one uniform in each of B equal intervals")
     opdlm_lr: float = flag(D.opdlm_lr, "OPDLM's learning rate (its student starts as a "
                                        "next-token predictor)")
     opdlm_steps: int = flag(D.opdlm_steps, "OPDLM's own budget (its conversion from an AR model "
@@ -187,7 +192,11 @@ RECIPES = {"constant 1e-3, 128": {}} | {
     f"constant 1e-3, {b}, {name}": dict(pretrain_batch=b, eval_every=25, **size)
     for name, size in (("d96", dict(d_model=96, mlp_hidden_size=384)),
                        ("3 layers", dict(n_layers=3)), ("mlp 256", dict(mlp_hidden_size=256)))
-    for b in (64, 128)}
+    for b in (64, 128)} | {
+    # the old recipe and the fewest-FLOPs one, each batch's mask ratios stratified
+    "stratified t: constant 1e-3, 128": dict(pretrain_stratified=True),
+    "stratified t: constant 7e-4, 64": dict(pretrain_lr=7e-4, pretrain_batch=64, eval_every=25,
+                                            pretrain_stratified=True)}
 # the premise's candidates (--recipes, regime early): a base never trained above a mask ratio,
 # or one under-trained at high mask ratios (stopped before the target)
 PREMISES = {"early: t ~ U(0, 0.5) only": dict(early_t=0.5, early_share=1.0),
@@ -210,6 +219,7 @@ def recipes(cfg):
             for name, flags in RECIPES.items() for r in cfg.study_regimes}
     runs |= {(name, "early"): dataclasses.replace(cfg, regime="early", **flags)
              for name, flags in PREMISES.items()}
+    runs = {k: c for k, c in runs.items() if cfg.recipe_filter in k[0]}
     done = parallel({(name, r, s): (base_row, c, s) for (name, r), c in runs.items()
                      for s in range(cfg.seeds)}, cfg.workers, "bases")
     def fwd(c):  # one row's forward, the head on the response
@@ -420,17 +430,22 @@ def study_tables(results):
 
 
 def replot(paths):
-    """A study JSON's tables and five figures (into figures/ beside it), or the tables, curves
-    and accuracy-parallelism curves of one or more results JSONs (comma-separated: a panel
-    each, beside the first: .png and -aup.png, or parallelism.png for several)."""
+    """One or more study JSONs (comma-separated: their regimes merged, as a study split over
+    machines): the tables and five figures (into figures/ beside the first; a panel per regime
+    that has every row); or the tables, curves and accuracy-parallelism curves of one or more
+    results JSONs (a panel each, beside the first: .png and -aup.png, or parallelism.png)."""
     saved = {path: load(path) for path in paths.split(",")}
     (config, results), first = next(iter(saved.values())), next(iter(saved))
-    if len(saved) == 1 and all(isinstance(v, dict) and "table" in v for v in results.values()):
-        study_tables(results)
-        if any(set(MAIN | RELATED) - set(v["table"]) for v in results.values()):
-            return print("\nno figures: they need every row (this study ran --premise_rows)")
-        return figures.plot(results, os.path.join(os.path.dirname(first), "figures"),
-                            config["s"], config["sweep_s"], list(MAIN), list(OTHER))
+    if all(r and all(isinstance(v, dict) and "table" in v for v in r.values())
+           for _, r in saved.values()):
+        merged = {r: v for _, res in saved.values() for r, v in res.items()}
+        study_tables(merged)
+        full = {r: v for r, v in merged.items() if not set(MAIN | RELATED) - set(v["table"])}
+        if len(full) < len(merged):
+            print(f"\nno figures of {', '.join(sorted(set(merged) - set(full)))}: they need "
+                  "every row (--premise_rows ran only some)")
+        return full and figures.plot(full, os.path.join(os.path.dirname(first), "figures"),
+                                     config["s"], config["sweep_s"], list(MAIN), list(OTHER))
     regimes = [c["regime"] for c, _ in saved.values()]
     panels = {(c["regime"] if regimes.count(c["regime"]) == 1 else
                f"{c['regime']} ({os.path.basename(path)})"): r for path, (c, r) in saved.items()}

@@ -178,7 +178,8 @@ def test_sampler_schedule_prompt_and_block_order(remasking, temperature):
     gen_length, block_length, steps = 16, 8, 6  # 2 blocks, 3 steps each: 3, 3, 2 tokens per step
     rec = Recorder(tiny_model())
     out = copsd.generate(rec, prompt, pattn, MASK, gen_length=gen_length,
-                         block_length=block_length, steps=steps, temperature=temperature, remasking=remasking, generator=gen(0))
+                         block_length=block_length, steps=steps, temperature=temperature,
+                         remasking=remasking, generator=gen(0))
     assert out.shape == (B, P + gen_length)
     states = rec.inputs + [out]
     spb, n_blocks = steps // (gen_length // block_length), gen_length // block_length

@@ -237,6 +237,16 @@ def test_the_premise_rows_study_and_its_replot_from_gzip(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     tables = r.stdout[r.stdout.index("=== regime low"):r.stdout.index("no figures")]
     assert tables in again.stdout
+    # two study JSONs (a study split over machines by regime) replot as one, in their order
+    saved = json.load(open(os.path.join(tmp_path, "study.json")))
+    saved["results"] = {"multi": saved["results"]["low"]}
+    other = os.path.join(tmp_path, "other.json")
+    json.dump(saved, open(other, "w"))
+    both = run_cli("--replot", f"{other},{packed}", timeout=120)
+    assert both.returncode == 0, both.stderr[-2000:]
+    assert tables in both.stdout
+    assert both.stdout.index("=== regime multi") < both.stdout.index("=== regime low")
+    assert "no figures of low, multi" in both.stdout
 
 
 def copied(smoke, dest, drop=()):
@@ -402,3 +412,19 @@ def test_an_out_or_replot_that_is_not_one_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         assert word in err
+
+
+def test_the_recipe_sweep_runs_the_recipes_it_is_asked_for(tmp_path):
+    """--recipes --recipe_filter: only the named recipes' bases, a table line each with its
+    steps per seed, how many reached the target, FLOPs, validation accuracy and premise gap."""
+    r = run_cli(*TINY_MODEL, "--recipes", "--recipe_filter", "stratified t", "--study_regimes",
+                "minimal", "--seeds", "1", "--workers", "1", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("| stratified")]
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["| stratified t: constant 1e-3, 128", "minimal"],
+        ["| stratified t: constant 7e-4, 64", "minimal"]]
+    assert "| constant" not in r.stdout and "| early:" not in r.stdout
+    bases = [json.load(open(os.path.join(d, "config.json")))
+             for d in glob.glob(os.path.join(tmp_path, "base-*"))]
+    assert len(bases) == 2 and all(b["pretrain_steps"] <= 20 for b in bases)
