@@ -423,12 +423,11 @@ def mask_ratios(cfg, n, generator, eps=1e-3):
         return torch.full((n,), cfg.pretrain_t, device=dev)
     if cfg.regime not in ("early", "low") and not cfg.pretrain_stratified:
         return None
+    top, share = {"early": (cfg.early_t, cfg.early_share), "low": (cfg.low_t, 1.0)}.get(
+        cfg.regime, (1.0, 1.0))
     u = torch.rand(n, generator=generator, device=dev)
     if cfg.pretrain_stratified:
         u = (torch.randperm(n, generator=generator, device=dev) + u) / n
-    if cfg.regime not in ("early", "low"):
-        return eps + u * (1 - eps)
-    top, share = (cfg.early_t, cfg.early_share) if cfg.regime == "early" else (cfg.low_t, 1.0)
     below = torch.rand(n, generator=generator, device=dev) < share
     return eps + u * torch.where(below, top - eps, 1 - eps)
 

@@ -90,12 +90,14 @@ def plot(results, out_dir, s, sweep_s, main, other):
     os.makedirs(out_dir, exist_ok=True)
     hues = [pyplot().cm.tab20(j) for j in [*range(0, 20, 2), *range(1, 20, 2)]]
     color = dict(zip(["Base", *main, *other], hues))
+    def at_shared(r, res):
+        return f"{r} (lr {res['lr']}, {res['steps']} steps)"
     # a study that chose per method: every row at its own choice, but Figure 3 (its s/T rows
     # ran at the shared choice) with COPSD at the shared one too
-    shared = {f"{r} (lr {res['lr']}, {res['steps']} steps)": res["table"] | res.get(
-        "shared_table", {}) for r, res in results.items()}
-    panels = {f"{r} (each row at its own choice)" if "own" in res else title: res["table"]
-              for title, (r, res) in zip(shared, results.items())}
+    panels = {f"{r} (each row at its own choice)" if "own" in res else at_shared(r, res):
+              res["table"] for r, res in results.items()}
+    shared = {at_shared(r, res): res["table"] | res.get("shared_table", {})
+              for r, res in results.items()}
     ns = [int(n) for n in next(iter(results.values()))["table"]["Base"][0]["test"] if "τ" not in n]
     acc, tokens = "blank cells correct (%)", "tokens per step"
     for name, draw, ylabel, xlabel, log_ns in [

@@ -444,8 +444,10 @@ def replot(paths):
         if len(full) < len(merged):
             print(f"\nno figures of {', '.join(sorted(set(merged) - set(full)))}: they need "
                   "every row (--premise_rows ran only some)")
-        return full and figures.plot(full, os.path.join(os.path.dirname(first), "figures"),
-                                     config["s"], config["sweep_s"], list(MAIN), list(OTHER))
+        if full:
+            figures.plot(full, os.path.join(os.path.dirname(first), "figures"), config["s"],
+                         config["sweep_s"], list(MAIN), list(OTHER))
+        return
     regimes = [c["regime"] for c, _ in saved.values()]
     panels = {(c["regime"] if regimes.count(c["regime"]) == 1 else
                f"{c['regime']} ({os.path.basename(path)})"): r for path, (c, r) in saved.items()}
