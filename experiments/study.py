@@ -173,6 +173,11 @@ def ceiling(cfg):
                                pretrain_max_steps=cfg.ceiling_steps)
 
 
+# the base the recipes below start from, so that each name keeps its meaning: the toy's default
+# before the quick one of this sweep (now the default: "around d64: 0.001, 64, 2 heads, mlp 128"
+# with validation every 100 steps)
+OLD_BASE = dict(d_model=128, n_heads=4, mlp_hidden_size=512, pretrain_batch=128, eval_every=50,
+                pretrain_stratified=False)
 # the base recipes tried (--recipes): the old one (constant 1e-3, batch 128); peak learning rate
 # x batch x schedule (warm-up 30, cosine to a tenth over 300 or 600 steps); then warm-up 50,
 # cosine to a tenth over 250 or 500 steps, validation every 25 steps
@@ -196,7 +201,34 @@ RECIPES = {"constant 1e-3, 128": {}} | {
     # the old recipe and the fewest-FLOPs one, each batch's mask ratios stratified
     "stratified t: constant 1e-3, 128": dict(pretrain_stratified=True),
     "stratified t: constant 7e-4, 64": dict(pretrain_lr=7e-4, pretrain_batch=64, eval_every=25,
-                                            pretrain_stratified=True)}
+                                            pretrain_stratified=True)} | {
+    # a quicker default run: smaller models and batches, stratified mask ratios
+    f"quick: {lr:g}, {b}, {name}": dict(pretrain_lr=lr, pretrain_batch=b, eval_every=25,
+                                        pretrain_stratified=True, **size)
+    for name, size, lr, b in (
+        ("d128", {}, 5e-4, 32), ("d96", dict(d_model=96, mlp_hidden_size=384), 1e-3, 64),
+        ("d96", dict(d_model=96, mlp_hidden_size=384), 7e-4, 32),
+        ("d96", dict(d_model=96, mlp_hidden_size=384), 1.5e-3, 64),
+        ("d96, 3 layers", dict(d_model=96, mlp_hidden_size=384, n_layers=3), 1e-3, 64),
+        ("d64", dict(d_model=64, mlp_hidden_size=256), 1e-3, 64),
+        ("d64", dict(d_model=64, mlp_hidden_size=256), 2e-3, 64),
+        ("d64", dict(d_model=64, mlp_hidden_size=256), 1e-3, 32))} | {
+    # then around the quickest (d64, 1e-3, 64): heads, depth, width, learning rate, data
+    f"around d64: {lr:g}, {b}{name}": dict(dict(
+        pretrain_lr=lr, pretrain_batch=b, eval_every=25, pretrain_stratified=True, d_model=64,
+        mlp_hidden_size=256) | more)
+    for name, more, lr, b in (
+        (", 2 heads", dict(n_heads=2), 1e-3, 64), (", 8 heads", dict(n_heads=8), 1e-3, 64),
+        ("", {}, 1.5e-3, 64), ("", {}, 7e-4, 64), ("", {}, 1e-3, 48),
+        (", 3 layers", dict(n_layers=3), 1e-3, 64), (", 6 layers", dict(n_layers=6), 1e-3, 64),
+        (", mlp 128", dict(mlp_hidden_size=128), 1e-3, 64),
+        (", 8000 puzzles", dict(n_pretrain=8000), 1e-3, 64),
+        (", warm-up 50", dict(pretrain_warmup=50), 1.5e-3, 64),
+        # and around the quickest of these (2 heads)
+        (", 1 head", dict(n_heads=1), 1e-3, 64),
+        (", 2 heads, mlp 128", dict(n_heads=2, mlp_hidden_size=128), 1e-3, 64),
+        (", 2 heads", dict(n_heads=2), 1e-3, 48))}
+RECIPES = {name: OLD_BASE | flags for name, flags in RECIPES.items()}
 # the premise's candidates (--recipes, regime early): a base never trained above a mask ratio,
 # or one under-trained at high mask ratios (stopped before the target)
 PREMISES = {"early: t ~ U(0, 0.5) only": dict(early_t=0.5, early_share=1.0),
@@ -209,6 +241,7 @@ PREMISES = {"early: t ~ U(0, 0.5) only": dict(early_t=0.5, early_share=1.0),
             "early: 95% t ~ U(0, 0.4)": dict(early_t=0.4, early_share=0.95),
             "early, stopped at 80%": dict(base_target=0.8),
             "early, 300 steps": dict(base_target=1.0, pretrain_max_steps=300)}
+PREMISES = {name: OLD_BASE | flags for name, flags in PREMISES.items()}
 
 
 def recipes(cfg):
