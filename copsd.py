@@ -1,7 +1,7 @@
 """
 Calibrated On-Policy Self-Distillation (COPSD) for masked diffusion LMs, in the paper's order.
 
-The same functions train a 1M-parameter Sudoku model on a CPU (sudoku.py) and LLaDA-8B under
+The same functions train a 0.18M-parameter Sudoku model on a CPU (sudoku.py) and LLaDA-8B under
 FSDP2 (train_llada.py). A batch of sequences is laid out as
 
     seq  (N, P + L)   the prompt x, left-padded to width P, then the response y of length L

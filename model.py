@@ -3,7 +3,7 @@ The LLaDA architecture at any size, and its checkpoints in LLaDA's own Hugging F
 
 LLaDA is a LLaMA-style transformer without a causal mask: token embedding, blocks of
 (RMSNorm -> attention with rotary q/k -> residual, RMSNorm -> SwiGLU MLP -> residual), a final
-RMSNorm and an untied output head. The same class holds the 1M-parameter Sudoku model and
+RMSNorm and an untied output head. The same class holds the 0.18M-parameter Sudoku model and
 LLaDA-8B-Instruct; `load_weights` reads a toy checkpoint and the real 6-shard one alike, into a
 plain module or into an FSDP2-sharded one (each rank then reads only its own rows).
 """

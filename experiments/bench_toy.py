@@ -32,7 +32,7 @@ from sudoku import GEN_LEN as L, MASK_ID, PROMPT_LEN as P
 @dataclasses.dataclass
 class BenchConfig(sudoku.Config):
     """the benchmark (python -m experiments.bench_toy)"""
-    base_steps: int = flag(650, "pretraining steps per base (where bases stop on this machine)")
+    base_steps: int = flag(700, "pretraining steps per base (where bases stop on this machine)")
     cores: int = flag(os.cpu_count() or 1, "cores the seeds' processes share")
     bench_steps: int = flag(3, "timed pretraining and optimiser steps (after one warm-up step)")
 
@@ -74,7 +74,8 @@ def trainer(cfg, lr=0.0, loss_fn=None):
 def post_phases(cfg, method, prompts, g):
     """A row of sudoku.post_train: its rollout (resample_every x prompts_per_step prompts x K
     responses) and an optimiser step on a slice of it, as (name, count, FLOPs, seconds)."""
-    c, window = sudoku.model_config(cfg), cfg.resample_every or cfg.steps
+    lr, steps = sudoku.budget(cfg, method)
+    c, window = sudoku.model_config(cfg), cfg.resample_every or steps
     rows = cfg.prompts_per_step * cfg.K
     sp = dataclasses.replace(sudoku.SAMPLER, temperature=cfg.temperature).at(
         cfg.train_tokens_per_step)
@@ -84,23 +85,22 @@ def post_phases(cfg, method, prompts, g):
         k = next(at) % window
         part = ro[0][k * rows:(k + 1) * rows]
         return copsd.METHODS[method].loss(model, part, MASK_ID, generator=g, **options)[0]
-    model, step = trainer(cfg, cfg.lr, loss)
+    model, step = trainer(cfg, lr, loss)
     idx = torch.randint(len(prompts), (window * cfg.prompts_per_step,), generator=g)
     secs = timed(lambda: ro.append(copsd.make_rollout(method, model.eval(), prompts[idx], None,
                                                       MASK_ID, sp, cfg, generator=g)))
     two_views = copsd.METHODS[method].data == "calibrated"  # COPSD's calibration forward
     step()  # warm-up
     name = sudoku.label(method, cfg.objective)
-    return [(f"{name} rollout", len(range(0, cfg.steps, window)),
+    return [(f"{name} rollout", len(range(0, steps, window)),
              gen(c, sp, window * rows) + two_views * fwd(c, 2 * window * rows), secs),
-            (f"{name} optimiser step", cfg.steps, fwd(c, rows, True), timed(step, cfg.bench_steps))]
+            (f"{name} optimiser step", steps, fwd(c, rows, True), timed(step, cfg.bench_steps))]
 
 
 def phases(cfg):
     """Each phase of one seed's run: (name, count, FLOPs each, seconds each measured)."""
     c, g = sudoku.model_config(cfg), torch.Generator().manual_seed(0)
-    data = sudoku.make_splits(0, cfg.pretrain_batch, (cfg.resample_every or cfg.steps)
-                              * cfg.prompts_per_step, cfg.n_test,
+    data = sudoku.make_splits(0, cfg.pretrain_batch, 8 * cfg.prompts_per_step, cfg.n_test,
                               most=cfg.most_solutions if cfg.regime == "multi" else 1)
     (puzzles, sols), (val, _), test = data["pretrain"], data["val"], data["test"]
     seq = torch.cat([sudoku.encode_prompt(puzzles), torch.as_tensor(sols)], 1)

@@ -58,7 +58,7 @@ def trained(cfg, seed, stages, keep=False):
     (each stage's history, the learning curve, the directory); keep: step-N/ at every curve
     point. Returns result.json's contents."""
     key = digest(seed, list(stages), keep, [getattr(cfg, f) for f in RUN_FIELDS],
-                 device=cfg.device)
+                 [sudoku.budget(cfg, m) for m in stages], device=cfg.device)
     d = os.path.join(cfg.out, "runs", f"{'+'.join(stages)}-{key}")
 
     def train():

@@ -134,7 +134,7 @@ def test_decoding_settings_reevaluate_the_cached_runs(smoke):
     (["--cache", "dual", "--refresh", "-1"], "refresh"),
     (["--replot", "nowhere.json"], "nowhere.json"),
     (["--n_test", "0"], "--n_test 0: need >= 1"), (["--seeds", "0"], "--seeds 0"),
-    (["--K", "0"], "--K 0"), (["--steps", "0"], "--steps 0"), (["--lr", "-1"], "--lr -1.0"),
+    (["--K", "0"], "--K 0"), (["--steps", "-1"], "--steps -1"), (["--lr", "-1"], "--lr -1.0"),
     (["--prompts_per_step", "0"], "--prompts_per_step 0"), (["--tokens_per_step", "3"], "3 tok"),
     (["--train_tokens_per_step", "0"], "--train_tokens_per_step 0"),
     (["--ablations", "--K", "1"], "--K must be >= 2"),  # COPSD rows, asked for another way

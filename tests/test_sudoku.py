@@ -570,13 +570,12 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="for a machine wit
     (["--tokens_per_step", "1,3"], "the evaluation's sampler: 3 tokens per step does not divide "
                                    "the block length 16"),
     (["--prompts_per_step", "0"], "--prompts_per_step 0: need >= 1"),
-    (["--steps", "0"], "--steps 0: need >= 1 (untrained, a row is the base)"),
-    (["--steps", "-1"], "--steps -1: need >= 1 (untrained, a row is the base)"),
+    (["--steps", "-1"], "--steps -1: need >= 1 (0: each method's own)"),
     (["--s", "0.9"], "need 0 <= s < t <= 1, got --t 0.9 --s 0.9 (at s >= t the later view masks "
                      "nothing, and COPSD's loss is 0)"),
     (["--methods", "base,self", "--t", "0.5", "--s", "0.6"],
      "the premise's two views need 0 <= s < t <= 1, got --t 0.5 --s 0.6"),
-    (["--lr", "-1"], "--lr -1.0: need a finite value > 0"),
+    (["--lr", "-1"], "--lr -1.0: need a finite value > 0 (0: each method's own)"),
     (["--train_tokens_per_step", "0"], "--train_tokens_per_step 0: need >= 1"),
     (["--train_tokens_per_step", "3"], "--train_tokens_per_step: 3 tokens per step does not "
                                        "divide the block length 16"),
@@ -589,6 +588,26 @@ def test_bad_values_exit_2_with_one_line_before_any_work(args, message, tmp_path
         sudoku.main([*args, "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
     assert not os.path.exists(tmp_path / "out") and time.time() - t0 < 5
+
+
+def test_each_method_trains_for_its_own_budget_unless_one_is_given(tmp_path, monkeypatch):
+    """--lr / --steps 0 (the default): each method at its own choice (OWN_CHOICE; COPSD's by its
+    reading of Eq. 6), each stage of SFT + X its own; set, they replace the method's."""
+    own = {"sft": (1e-4, 3), "copsd": (2e-5, 5), "copsd (later)": (3e-5, 4)}
+    monkeypatch.setattr(sudoku, "OWN_CHOICE", sudoku.OWN_CHOICE | own)
+    cfg = sudoku.Config(**TINY | dict(steps=0), out=str(tmp_path))
+    assert sudoku.budget(cfg, "copsd") == (2e-5, 5)
+    assert sudoku.budget(dataclasses.replace(cfg, objective="later"), "copsd") == (3e-5, 4)
+    assert sudoku.budget(dataclasses.replace(cfg, lr=1e-3), "sft") == (1e-3, 3)
+    assert sudoku.budget(dataclasses.replace(cfg, steps=7), "sft") == (1e-4, 7)
+    assert sudoku.budget(cfg, "opdlm") == (cfg.opdlm_lr, cfg.opdlm_steps)
+    sudoku.pretrain(cfg, 0)
+    lrs, steps, adamw = [], [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda p, lr, **kw: lrs.append(lr) or adamw(
+        p, lr=lr, **kw))
+    _, history = sudoku.train(cfg, 0, ["sft", "copsd"], lambda step, _: steps.append(step))
+    assert [len(h) for h in history] == [3, 5] and lrs == [1e-4, 2e-5]
+    assert steps == list(range(1, 9))
 
 
 def test_solve_an_empty_puzzle_says_so(tmp_path, capsys):
@@ -654,8 +673,8 @@ def test_solve_without_model_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("regime", ["minimal", "early", "low", "multi"])
 def test_each_regime_pretrains_on_its_puzzles_and_mask_ratios(regime, tmp_path, monkeypatch):
-    """The regimes' bases as specified: minimal, multi and the ceiling through the MDM loss's own
-    t ~ U(0, 1); early: early_share of the rows from U(0, early_t); low (the premise regime):
+    """The regimes' bases as specified: minimal and multi from t ~ U(0, 1), one row in each of
+    the batch's 64 equal intervals (stratified, the default); the ceiling at t = 1; early: early_share of the rows from U(0, early_t); low (the premise regime):
     every row from U(0, low_t), on minimal's very puzzles; multi: puzzles of 2-4 solutions."""
     drawn = []
     loss = copsd.mdm_loss
@@ -669,7 +688,8 @@ def test_each_regime_pretrains_on_its_puzzles_and_mask_ratios(regime, tmp_path, 
     sudoku.pretrain(cfg, 0)
     assert len(drawn) == 30  # no validation check before the end: every step trained
     if regime in ("minimal", "multi"):
-        assert all(t is None for t in drawn)
+        bins = [((t - 1e-3) / (1 - 1e-3) * 64).floor().long().sort().values for t in drawn]
+        assert all(torch.equal(b, torch.arange(64)) for b in bins)
     else:
         t = torch.cat(drawn)
         top = cfg.early_t if regime == "early" else cfg.low_t
@@ -705,10 +725,11 @@ def test_pretraining_schedule_warms_up_then_decays_by_a_cosine():
 @pytest.mark.parametrize("regime", ["minimal", "early", "low"])
 def test_stratified_mask_ratios_cover_the_batch_evenly_with_each_rows_distribution(regime):
     """pretrain_stratified: the batch's uniforms lie one in each of n equal intervals (minimal:
-    t itself), each row's t keeps the regime's range and share; off: the default draws, bit for
-    bit (minimal: none, the MDM loss draws its own)."""
+    t itself), each row's t keeps the regime's range and share (the default); off: the plain
+    draws, bit for bit (minimal: none, the MDM loss draws its own)."""
     n, eps = 256, 1e-3
-    cfg = sudoku.Config(regime=regime, pretrain_stratified=True)
+    cfg = sudoku.Config(regime=regime)
+    assert cfg.pretrain_stratified
     t = sudoku.mask_ratios(cfg, n, torch.Generator().manual_seed(0))
     assert t.shape == (n,) and t.min() >= eps and t.max() <= 1
     if regime == "minimal":
@@ -720,7 +741,7 @@ def test_stratified_mask_ratios_cover_the_batch_evenly_with_each_rows_distributi
         assert torch.equal(torch.sort((u * n).floor().long()).values, torch.arange(n))
     else:
         assert 0.85 <= (t <= cfg.early_t).float().mean() <= 0.99 and t.max() > cfg.early_t
-    plain = sudoku.Config(regime=regime)
+    plain = sudoku.Config(regime=regime, pretrain_stratified=False)
     again = sudoku.mask_ratios(plain, n, torch.Generator().manual_seed(0))
     if regime == "minimal":
         assert again is None
