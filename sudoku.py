@@ -415,7 +415,7 @@ def lr_factor(cfg, step):
 
 def mask_ratios(cfg, n, generator, eps=1e-3):
     """The mask ratio t of each of n pretraining rows, (n,), or None for the MDM loss's own
-    t ~ U(0, 1) (minimal, multi): the ceiling's all at pretrain_t; early: early_share of them
+    t ~ U(0, 1) (minimal, multi, not stratified): the ceiling's all at pretrain_t; early: early_share of them
     from U(0, early_t), the rest from U(0, 1); low: every one from U(0, low_t).
     pretrain_stratified: the n uniforms behind them one in each of n equal intervals, in random
     order (each row's t keeps its distribution; a batch covers it evenly: a lower-variance
@@ -555,10 +555,10 @@ def budget(c, method):
     choice (OWN_CHOICE; COPSD's by its reading of Eq. 6); OPDLM: its own budget."""
     if method == "opdlm":
         return c.opdlm_lr, c.opdlm_steps
-    reading = c.objective + (", forward" if c.objective == "later"
-                             and c.later_direction == "forward" else "")
-    lr, steps = OWN_CHOICE[method if method != "copsd" or c.objective == "paper"
-                           else f"copsd ({reading})"]
+    if method == "copsd" and c.objective != "paper":
+        forward = c.objective == "later" and c.later_direction == "forward"
+        method = f"copsd ({c.objective}{', forward' if forward else ''})"
+    lr, steps = OWN_CHOICE[method]
     return c.lr or lr, c.steps or steps
 
 

@@ -214,9 +214,9 @@ RECIPES = {"constant 1e-3, 128": {}} | {
         ("d64", dict(d_model=64, mlp_hidden_size=256), 2e-3, 64),
         ("d64", dict(d_model=64, mlp_hidden_size=256), 1e-3, 32))} | {
     # then around the quickest (d64, 1e-3, 64): heads, depth, width, learning rate, data
-    f"around d64: {lr:g}, {b}{name}": dict(dict(
+    f"around d64: {lr:g}, {b}{name}": dict(
         pretrain_lr=lr, pretrain_batch=b, eval_every=25, pretrain_stratified=True, d_model=64,
-        mlp_hidden_size=256) | more)
+        mlp_hidden_size=256) | more
     for name, more, lr, b in (
         (", 2 heads", dict(n_heads=2), 1e-3, 64), (", 8 heads", dict(n_heads=8), 1e-3, 64),
         ("", {}, 1.5e-3, 64), ("", {}, 7e-4, 64), ("", {}, 1e-3, 48),
