@@ -415,8 +415,9 @@ def lr_factor(cfg, step):
 
 def mask_ratios(cfg, n, generator, eps=1e-3):
     """The mask ratio t of each of n pretraining rows, (n,), or None for the MDM loss's own
-    t ~ U(0, 1) (minimal, multi, not stratified): the ceiling's all at pretrain_t; early: early_share of them
-    from U(0, early_t), the rest from U(0, 1); low: every one from U(0, low_t).
+    t ~ U(0, 1) (minimal, multi, not stratified): the ceiling's all at pretrain_t; early:
+    early_share of them from U(0, early_t), the rest from U(0, 1); low: every one from
+    U(0, low_t).
     pretrain_stratified: the n uniforms behind them one in each of n equal intervals, in random
     order (each row's t keeps its distribution; a batch covers it evenly: a lower-variance
     estimate of the same loss)."""
