@@ -674,8 +674,9 @@ def test_solve_without_model_is_one_line(tmp_path):
 @pytest.mark.parametrize("regime", ["minimal", "early", "low", "multi"])
 def test_each_regime_pretrains_on_its_puzzles_and_mask_ratios(regime, tmp_path, monkeypatch):
     """The regimes' bases as specified: minimal and multi from t ~ U(0, 1), one row in each of
-    the batch's 64 equal intervals (stratified, the default); the ceiling at t = 1; early: early_share of the rows from U(0, early_t); low (the premise regime):
-    every row from U(0, low_t), on minimal's very puzzles; multi: puzzles of 2-4 solutions."""
+    the batch's 64 equal intervals (stratified, the default); the ceiling at t = 1; early:
+    early_share of the rows from U(0, early_t); low (the premise regime): every row from
+    U(0, low_t), on minimal's very puzzles; multi: puzzles of 2-4 solutions."""
     drawn = []
     loss = copsd.mdm_loss
 
