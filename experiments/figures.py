@@ -33,7 +33,11 @@ def figure(path, panels, draw, xlabel, ylabel, log_ns=None):
             ax.set_xscale("log", base=2)
             ax.set_xticks(log_ns, [str(n) for n in log_ns])
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    labels = {}  # every panel's rows in one legend, in the last panel
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    axes[0][-1].legend(labels.values(), labels.keys(), fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -138,10 +142,13 @@ def plot_curves(panels, path):
            "validation blank cells (%)")
 
 
-def parallelism(ax, results):
+def parallelism(ax, results, order=()):
     """Each row's accuracy-parallelism curve: test blank cells correct (%) against tokens per
-    forward, at 1 token/step and at each threshold (mean over seeds), left to right."""
-    for i, (row, runs) in enumerate(results.items()):
+    forward, at 1 token/step and at each threshold (mean over seeds), left to right; a row's
+    color is its place in `order` (every panel's rows), else in results."""
+    order = list(order) or list(results)
+    for row, runs in results.items():
+        i = order.index(row)
         cols = [n for n in runs[0]["test"] if n == "1" or "τ" in n]
         x, y = (np.array([np.mean([scale * r["test"][n][key] for r in runs]) for n in cols])
                 for key, scale in (("tpf", 1), ("cell_acc", 100)))
@@ -151,5 +158,6 @@ def parallelism(ax, results):
 
 def plot_parallelism(panels, path):
     """The accuracy-parallelism curves, one panel per {title: results}."""
-    figure(path, panels, parallelism, "tokens per forward (threshold decoding)",
-           "test blank cells (%)")
+    order = dict.fromkeys(row for results in panels.values() for row in results)
+    figure(path, panels, functools.partial(parallelism, order=order),
+           "tokens per forward (threshold decoding)", "test blank cells (%)")

@@ -76,7 +76,8 @@ class StudyConfig(sudoku.Config):
     recipe_filter: str = flag("", "--recipes: only the recipes and premise candidates whose "
                                   "name contains this")
     premise_rows: bool = flag(False, "--study: only the rows of the premise's test (Base-Self, "
-                                     "COPSD in each reading, dParallel): no figures")
+                                     "COPSD in each reading, dParallel); of the figures, only "
+                                     "the accuracy-parallelism curves")
     ceiling_device: str = flag("cpu", "where the ceiling trains and is scored (cuda: one GPU "
                                       "for its long pretraining; cached apart)",
                                choices=("cpu", "cuda"))
@@ -242,16 +243,24 @@ PREMISES = {"early: t ~ U(0, 0.5) only": dict(early_t=0.5, early_share=1.0),
             "early, stopped at 80%": dict(base_target=0.8),
             "early, 300 steps": dict(base_target=1.0, pretrain_max_steps=300)}
 PREMISES = {name: OLD_BASE | flags for name, flags in PREMISES.items()}
+# and on the default base (regime low): the mask ratios' bound, their stratification, the length
+LOW_PREMISES = {"low, default base: t ~ U(0, 0.1)": {},
+                "low, default base: t ~ U(0, 0.05)": dict(low_t=0.05),
+                "low, default base: t ~ U(0, 0.2)": dict(low_t=0.2),
+                "low, default base: not stratified": dict(pretrain_stratified=False),
+                "low, default base: 1000 steps": dict(pretrain_max_steps=1000)}
 
 
 def recipes(cfg):
-    """Every recipe (and, in the early regime, every premise candidate) on every regime and
+    """Every recipe (and every premise candidate, in the early or low regime) on every regime and
     seed: the base, its steps, validation accuracy at 1 and 16 tokens/step and premise gap
     (runs.base_row), and its pretraining FLOPs; one line each, mean over seeds."""
     runs = {(name, r): dataclasses.replace(cfg, regime=r, **flags)
             for name, flags in RECIPES.items() for r in cfg.study_regimes}
     runs |= {(name, "early"): dataclasses.replace(cfg, regime="early", **flags)
              for name, flags in PREMISES.items()}
+    runs |= {(name, "low"): dataclasses.replace(cfg, regime="low", **flags)
+             for name, flags in LOW_PREMISES.items()}
     runs = {k: c for k, c in runs.items() if cfg.recipe_filter in k[0]}
     done = parallel({(name, r, s): (base_row, c, s) for (name, r), c in runs.items()
                      for s in range(cfg.seeds)}, cfg.workers, "bases")
@@ -464,9 +473,10 @@ def study_tables(results):
 
 def replot(paths):
     """One or more study JSONs (comma-separated: their regimes merged, as a study split over
-    machines): the tables and five figures (into figures/ beside the first; a panel per regime
-    that has every row); or the tables, curves and accuracy-parallelism curves of one or more
-    results JSONs (a panel each, beside the first: .png and -aup.png, or parallelism.png)."""
+    machines): the tables, five figures (into figures/ beside the first; a panel per regime
+    that has every row) and the accuracy-parallelism curves (a panel per regime); or the
+    tables, curves and accuracy-parallelism curves of one or more results JSONs (a panel each,
+    beside the first: .png and -aup.png, or parallelism.png)."""
     saved = {path: load(path) for path in paths.split(",")}
     (config, results), first = next(iter(saved.values())), next(iter(saved))
     if all(r and all(isinstance(v, dict) and "table" in v for v in r.values())
@@ -475,11 +485,18 @@ def replot(paths):
         study_tables(merged)
         full = {r: v for r, v in merged.items() if not set(MAIN | RELATED) - set(v["table"])}
         if len(full) < len(merged):
-            print(f"\nno figures of {', '.join(sorted(set(merged) - set(full)))}: they need "
-                  "every row (--premise_rows ran only some)")
+            print(f"\nonly the accuracy-parallelism curves of "
+                  f"{', '.join(sorted(set(merged) - set(full)))}: the five figures need every "
+                  "row (--premise_rows ran only some)")
         if full:
             figures.plot(full, os.path.join(os.path.dirname(first), "figures"), config["s"],
                          config["sweep_s"], list(MAIN), list(OTHER))
+        keep = {"Base", CEILING, *MAIN, *RELATED} - {"SFT + Base-Self", "SFT + COPSD"}
+        out = os.path.join(os.path.dirname(first), "figures")
+        os.makedirs(out, exist_ok=True)
+        figures.plot_parallelism(  # every regime, with the rows it has (SFT + X: = SFT)
+            {r: {k: v for k, v in res["table"].items() if k in keep} for r, res in merged.items()},
+            os.path.join(out, "parallelism.png"))
         return
     regimes = [c["regime"] for c, _ in saved.values()]
     panels = {(c["regime"] if regimes.count(c["regime"]) == 1 else
@@ -546,8 +563,8 @@ def study(cfg):
     path = os.path.join(cfg.out, "study.json")
     sudoku.atomic_json(path, dict(config=dataclasses.asdict(cfg), results=results))
     replot(path)  # the tables and figures, from the JSON
-    print(f"\nwall time {(time.time() - t0) / 3600:.2f} h; results in {path}"
-          + ("" if cfg.premise_rows else f", figures in {cfg.out}/figures"))
+    print(f"\nwall time {(time.time() - t0) / 3600:.2f} h; results in {path}, figures in "
+          f"{cfg.out}/figures")
     return results
 
 

@@ -197,8 +197,8 @@ def test_study_end_to_end(tmp_path):
             assert (p["val1"] + p["val16"]) / 2 == pytest.approx(top["val"]), name
     folder = os.path.join(tmp_path, "figures")
     drawn = digests(folder)
-    assert list(drawn) == ["curves.png", "figure2.png", "figure3.png", "related.png",
-                           "table1.png"]
+    assert list(drawn) == ["curves.png", "figure2.png", "figure3.png", "parallelism.png",
+                           "related.png", "table1.png"]
     # the figures regenerate from the JSON alone, byte for byte
     moved = os.path.join(tmp_path, "elsewhere")
     os.makedirs(moved)
@@ -218,8 +218,8 @@ def test_study_end_to_end(tmp_path):
 
 def test_the_premise_rows_study_and_its_replot_from_gzip(tmp_path):
     """--study --premise_rows: the low regime's premise test alone (Base, the ceiling, Table 1's
-    rows, dParallel; no Table 4, Figure 3 or OPDLM rows, no figures); its JSON, gzipped, replots
-    to the same tables."""
+    rows, dParallel; no Table 4, Figure 3 or OPDLM rows; of the figures, only the accuracy-
+    parallelism curves); its JSON, gzipped, replots to the same tables."""
     args = [*TINY_MODEL, "--study", "--premise_rows", "--study_regimes", "low", "--seeds", "1",
             "--study_steps", "2", "--curve_every", "2", "--study_lrs", "1e-4", "--ceiling",
             "--ceiling_steps", "4", "--workers", "2", "--out", str(tmp_path)]
@@ -229,13 +229,13 @@ def test_the_premise_rows_study_and_its_replot_from_gzip(tmp_path):
     assert list(res) == ["low"]
     assert list(res["low"]["table"]) == ["Base", study.CEILING, *study.MAIN, "dParallel"]
     assert set(res["low"]["own"]) == {*study.MAIN, "dParallel"}
-    assert "no figures" in r.stdout and not os.path.exists(os.path.join(tmp_path, "figures"))
+    assert os.listdir(os.path.join(tmp_path, "figures")) == ["parallelism.png"]
     packed = os.path.join(tmp_path, "study.json.gz")
     with open(os.path.join(tmp_path, "study.json"), "rb") as f, gzip.open(packed, "wb") as g:
         g.write(f.read())
     again = run_cli("--replot", packed, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
-    tables = r.stdout[r.stdout.index("=== regime low"):r.stdout.index("no figures")]
+    tables = r.stdout[r.stdout.index("=== regime low"):r.stdout.index("only the accuracy")]
     assert tables in again.stdout
     # two study JSONs (a study split over machines by regime) replot as one, in their order
     saved = json.load(open(os.path.join(tmp_path, "study.json")))
@@ -246,7 +246,7 @@ def test_the_premise_rows_study_and_its_replot_from_gzip(tmp_path):
     assert both.returncode == 0, both.stderr[-2000:]
     assert tables in both.stdout
     assert both.stdout.index("=== regime multi") < both.stdout.index("=== regime low")
-    assert "no figures of low, multi" in both.stdout
+    assert "only the accuracy-parallelism curves of low, multi" in both.stdout
 
 
 def copied(smoke, dest, drop=()):
@@ -428,3 +428,23 @@ def test_the_recipe_sweep_runs_the_recipes_it_is_asked_for(tmp_path):
     bases = [json.load(open(os.path.join(d, "config.json")))
              for d in glob.glob(os.path.join(tmp_path, "base-*"))]
     assert len(bases) == 2 and all(b["pretrain_steps"] <= 20 for b in bases)
+
+
+def test_a_row_keeps_its_color_in_every_parallelism_panel(tmp_path):
+    """The accuracy-parallelism curves of regimes with different rows: a row has one color in
+    every panel (its place among all panels' rows), and the figure draws."""
+    from experiments import figures
+    def row(acc):
+        return [dict(test={n: dict(cell_acc=acc, tpf=tpf) for n, tpf in (("1", 1), ("τ=0.5", 4))})]
+    panels = {"early": {"Base": row(0.9), study.CEILING: row(0.7), "COPSD": row(0.8)},
+              "low": {"Base": row(0.3), "COPSD": row(0.2)}}
+    plt = figures.pyplot()
+    fig, axes = plt.subplots(1, 2)
+    order = dict.fromkeys(r for results in panels.values() for r in results)
+    for ax, results in zip(axes, panels.values()):
+        figures.parallelism(ax, results, order)
+    color = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in axes]
+    assert color[0]["COPSD"] == color[1]["COPSD"] != color[0][study.CEILING]
+    plt.close(fig)
+    figures.plot_parallelism(panels, str(tmp_path / "p.png"))
+    assert os.path.getsize(tmp_path / "p.png") > 1000
