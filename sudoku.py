@@ -784,8 +784,8 @@ def check(cfg, methods=None, more=()):
     methods = {m for row in cfg.methods for m in row.split("+")} if methods is None else methods
     problems = cfg.problems(methods) + [why for bad, why in [
         (cfg.seeds < 1, f"--seeds {cfg.seeds}: need at least 1"),
-        (cfg.steps < 0, f"--steps {cfg.steps}: need >= 1 (0: each method's own)"),
-        (not 0 <= cfg.lr < float("inf"), f"--lr {cfg.lr}: need a finite value > 0 (0: each "
+        (cfg.steps < 0, f"--steps {cfg.steps}: need >= 0 (0: each method's own)"),
+        (not 0 <= cfg.lr < float("inf"), f"--lr {cfg.lr}: need a finite value >= 0 (0: each "
                                          "method's own)"),
         (cfg.prompts_per_step < 1, f"--prompts_per_step {cfg.prompts_per_step}: need >= 1"),
         ("copsd" not in methods and not 0 <= cfg.s < cfg.t <= 1,

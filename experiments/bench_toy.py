@@ -100,6 +100,7 @@ def post_phases(cfg, method, prompts, g):
 def phases(cfg):
     """Each phase of one seed's run: (name, count, FLOPs each, seconds each measured)."""
     c, g = sudoku.model_config(cfg), torch.Generator().manual_seed(0)
+    # distillation prompts: a pool of any size (a rollout draws its prompts from it at random)
     data = sudoku.make_splits(0, cfg.pretrain_batch, 8 * cfg.prompts_per_step, cfg.n_test,
                               most=cfg.most_solutions if cfg.regime == "multi" else 1)
     (puzzles, sols), (val, _), test = data["pretrain"], data["val"], data["test"]

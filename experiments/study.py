@@ -488,15 +488,16 @@ def replot(paths):
             print(f"\nonly the accuracy-parallelism curves of "
                   f"{', '.join(sorted(set(merged) - set(full)))}: the five figures need every "
                   "row (--premise_rows ran only some)")
-        if full:
-            figures.plot(full, os.path.join(os.path.dirname(first), "figures"), config["s"],
-                         config["sweep_s"], list(MAIN), list(OTHER))
-        keep = {"Base", CEILING, *MAIN, *RELATED} - {"SFT + Base-Self", "SFT + COPSD"}
         out = os.path.join(os.path.dirname(first), "figures")
+        if full:
+            figures.plot(full, out, config["s"], config["sweep_s"], list(MAIN), list(OTHER))
+        # every regime with the rows it has, less SFT + X (whose own choice is SFT itself)
+        keep = {"Base", CEILING, *MAIN} | {n for n, (stages, _) in RELATED.items()
+                                           if len(stages) == 1}
         os.makedirs(out, exist_ok=True)
-        figures.plot_parallelism(  # every regime, with the rows it has (SFT + X: = SFT)
-            {r: {k: v for k, v in res["table"].items() if k in keep} for r, res in merged.items()},
-            os.path.join(out, "parallelism.png"))
+        figures.plot_parallelism({r: {k: v for k, v in res["table"].items() if k in keep}
+                                  for r, res in merged.items()},
+                                 os.path.join(out, "parallelism.png"))
         return
     regimes = [c["regime"] for c, _ in saved.values()]
     panels = {(c["regime"] if regimes.count(c["regime"]) == 1 else

@@ -570,12 +570,12 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="for a machine wit
     (["--tokens_per_step", "1,3"], "the evaluation's sampler: 3 tokens per step does not divide "
                                    "the block length 16"),
     (["--prompts_per_step", "0"], "--prompts_per_step 0: need >= 1"),
-    (["--steps", "-1"], "--steps -1: need >= 1 (0: each method's own)"),
+    (["--steps", "-1"], "--steps -1: need >= 0 (0: each method's own)"),
     (["--s", "0.9"], "need 0 <= s < t <= 1, got --t 0.9 --s 0.9 (at s >= t the later view masks "
                      "nothing, and COPSD's loss is 0)"),
     (["--methods", "base,self", "--t", "0.5", "--s", "0.6"],
      "the premise's two views need 0 <= s < t <= 1, got --t 0.5 --s 0.6"),
-    (["--lr", "-1"], "--lr -1.0: need a finite value > 0 (0: each method's own)"),
+    (["--lr", "-1"], "--lr -1.0: need a finite value >= 0 (0: each method's own)"),
     (["--train_tokens_per_step", "0"], "--train_tokens_per_step 0: need >= 1"),
     (["--train_tokens_per_step", "3"], "--train_tokens_per_step: 3 tokens per step does not "
                                        "divide the block length 16"),
